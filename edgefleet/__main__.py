@@ -1,0 +1,5 @@
+"""`python -m edgefleet` is the `edgefleet` command."""
+
+from edgefleet.cli import main
+
+main()

@@ -1,0 +1,105 @@
+"""Inference metrics: counts, errors and a latency histogram with p50/p95/p99.
+
+A fixed log-spaced histogram (about 4% relative error from 1 µs to over an hour) costs constant memory
+and a few hundred nanoseconds per observation, so it can run on every request of a
+long-lived daemon, unlike a list of samples.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+
+_MIN_S = 1e-6
+_GROWTH = 1.04  # each bucket is 4% wider than the last
+_BUCKETS = 1 + math.ceil(math.log(3600 / _MIN_S) / math.log(_GROWTH))
+_LOG_GROWTH = math.log(_GROWTH)
+
+
+@dataclass(frozen=True)
+class MetricsSnapshot:
+    count: int
+    errors: int
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    mean_ms: float | None
+    max_ms: float | None
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in vars(self).items()}
+
+
+class LatencyHistogram:
+    """Thread-safe histogram of durations in seconds."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = [0] * _BUCKETS
+        self._n = 0
+        self._sum = 0.0
+        self._max = 0.0
+
+    def observe(self, seconds: float) -> None:
+        idx = 0 if seconds <= _MIN_S else min(
+            _BUCKETS - 1, 1 + int(math.log(seconds / _MIN_S) / _LOG_GROWTH))
+        with self._lock:
+            self._counts[idx] += 1
+            self._n += 1
+            self._sum += seconds
+            if seconds > self._max:
+                self._max = seconds
+
+    @property
+    def count(self) -> int:
+        return self._n
+
+    def quantile(self, q: float) -> float | None:
+        """The q-quantile in seconds (upper edge of its bucket, capped at the maximum seen)."""
+        with self._lock:
+            return self._quantile_locked(q)
+
+    def _quantile_locked(self, q: float) -> float | None:
+        if self._n == 0:
+            return None
+        rank = max(1, math.ceil(q * self._n))
+        seen = 0
+        for idx, c in enumerate(self._counts):
+            seen += c
+            if seen >= rank:
+                upper = _MIN_S * _GROWTH**idx
+                return min(upper, self._max)
+        return self._max
+
+    def stats(self) -> tuple[int, float | None, float | None, float | None, float | None, float]:
+        """(count, p50, p95, p99, mean, max) in seconds, read under one lock."""
+        with self._lock:
+            mean = self._sum / self._n if self._n else None
+            return (self._n, self._quantile_locked(0.5), self._quantile_locked(0.95),
+                    self._quantile_locked(0.99), mean, self._max)
+
+
+class Metrics:
+    """Request count, error count and latency of one model or one agent."""
+
+    def __init__(self) -> None:
+        self.latency = LatencyHistogram()
+        self._errors = 0
+        self._lock = threading.Lock()
+
+    def record(self, seconds: float) -> None:
+        self.latency.observe(seconds)
+
+    def record_error(self) -> None:
+        with self._lock:
+            self._errors += 1
+
+    def snapshot(self) -> MetricsSnapshot:
+        n, p50, p95, p99, mean, mx = self.latency.stats()
+
+        def ms(v: float | None) -> float | None:
+            return None if v is None else v * 1000.0
+
+        return MetricsSnapshot(count=n, errors=self._errors, p50_ms=ms(p50), p95_ms=ms(p95),
+                               p99_ms=ms(p99), mean_ms=ms(mean), max_ms=ms(mx if n else None))

@@ -1,0 +1,144 @@
+"""Micro-batching: concurrent requests share runs, get their own answers and their own errors."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.batching import MicroBatcher
+from runtime.errors import ClosedError, InferenceError, InputError, OverloadedError
+from runtime.metrics import Metrics
+from runtime.model import Model
+from runtime.schema import CheckedInputs, InputChecker, TensorSpec
+from tests.support.onnx_models import reshape_model
+
+
+@pytest.fixture(scope="module")
+def digits_model(signed_digits_package) -> Model:  # type: ignore[no-untyped-def]
+    return Model(signed_digits_package.path, warmup_batches=(32,))
+
+
+def test_concurrent_singles_are_merged_and_split_back(digits_model: Model, digits_split):
+    batcher = MicroBatcher(digits_model, max_batch=32, max_delay_ms=20)
+    xs = digits_split.x_test[:64]
+    expected = digits_model.run(xs)["logits"]
+    try:
+        with ThreadPoolExecutor(64) as pool:
+            results = list(pool.map(lambda x: batcher.run(x, timeout=10), xs))
+    finally:
+        batcher.close()
+    for got, want in zip(results, expected, strict=True):
+        assert got.outputs["logits"].shape == (10,)  # single sample in, single sample out
+        np.testing.assert_allclose(got.outputs["logits"], want, rtol=1e-5, atol=1e-6)
+    assert max(r.batch_size for r in results) > 1, "no request shared a run"
+    assert all(r.model is digits_model for r in results)
+
+
+def test_batch_never_exceeds_max_batch(digits_model: Model, digits_split):
+    batcher = MicroBatcher(digits_model, max_batch=4, max_delay_ms=50)
+    futures = [batcher.submit(x) for x in digits_split.x_test[:10]]
+    futures.append(batcher.submit(digits_split.x_test[:3]))  # a request that is itself a batch
+    results = [f.result(10) for f in futures]
+    batcher.close()
+    assert max(r.batch_size for r in results) <= 4
+    assert results[-1].outputs["logits"].shape == (3, 10)
+
+
+def test_bad_request_fails_alone(digits_model: Model, digits_split):
+    batcher = MicroBatcher(digits_model, max_batch=32, max_delay_ms=50)
+    good = [batcher.submit(x) for x in digits_split.x_test[:5]]
+    bad = batcher.submit(np.full((1, 8, 8), np.nan))
+    wrong_shape = batcher.submit(np.zeros((1, 7, 7)))
+    more = [batcher.submit(x) for x in digits_split.x_test[5:10]]
+    with pytest.raises(InputError, match="NaN"):
+        bad.result(5)
+    with pytest.raises(InputError, match="axis 2 must be 8"):
+        wrong_shape.result(5)
+    assert all(f.result(5).outputs["logits"].shape == (10,) for f in good + more)
+    batcher.close()
+
+
+class PoisonModel:
+    """A fake model whose run fails when any row holds the value 13: a failure only
+    onnxruntime would notice, so the batcher must find the culprit among batch-mates."""
+
+    name, version, batchable = "poison", "1", True
+
+    def __init__(self) -> None:
+        self.metrics = Metrics()
+        self.calls: list[int] = []
+        self._checker = InputChecker([TensorSpec(name="x", dtype="float32", shape=["N", 2])])
+
+    def check(self, inputs) -> CheckedInputs:  # type: ignore[no-untyped-def]
+        return self._checker.check(inputs)
+
+    def run_checked(self, arrays):  # type: ignore[no-untyped-def]
+        x = arrays["x"]
+        self.calls.append(len(x))
+        if (x == 13).any():
+            raise InferenceError("poisoned row")
+        return {"y": x * 2}
+
+
+def test_model_failure_in_a_batch_is_isolated():
+    model = PoisonModel()
+    batcher = MicroBatcher(model, max_batch=16, max_delay_ms=100)  # type: ignore[arg-type]
+    futures = [batcher.submit([float(i), 0.0]) for i in range(10, 16)]
+    results = {}
+    for i, fut in zip(range(10, 16), futures, strict=True):
+        try:
+            results[i] = fut.result(5).outputs["y"].tolist()
+        except InferenceError as exc:
+            results[i] = str(exc)
+    batcher.close()
+    assert results[13] == "poisoned row"
+    assert results[12] == [24.0, 0.0]
+    assert results[15] == [30.0, 0.0]
+    assert model.calls[0] == 6  # they did share the first run
+
+
+def test_models_without_a_batch_axis_run_each_request_alone(tmp_path: Path):
+    model = Model(reshape_model(tmp_path / "r.onnx"), warmup_batches=())
+    assert not model.batchable
+    batcher = MicroBatcher(model, max_batch=8, max_delay_ms=20)
+    a = batcher.submit({"x": np.ones((2, 6)), "shape": [3, 4]})
+    b = batcher.submit({"x": np.ones((2, 6)), "shape": [4, 3]})
+    assert a.result(5).outputs["y"].shape == (3, 4)
+    assert b.result(5).outputs["y"].shape == (4, 3)
+    batcher.close()
+
+
+def test_full_queue_refuses_instead_of_dropping():
+    model = PoisonModel()
+    gate = threading.Event()
+    original = model.run_checked
+
+    def slow(arrays):  # type: ignore[no-untyped-def]
+        gate.wait(5)
+        return original(arrays)
+
+    model.run_checked = slow  # type: ignore[method-assign]
+    batcher = MicroBatcher(model, max_batch=1, max_delay_ms=0, max_queue=3)  # type: ignore[arg-type]
+    futures = [batcher.submit([1.0, 2.0]) for _ in range(8)]
+    time.sleep(0.1)
+    refused = [f for f in futures if f.done() and isinstance(f.exception(), OverloadedError)]
+    gate.set()
+    accepted = [f for f in futures if f not in refused]
+    assert refused, "nothing was refused"
+    assert all(f.result(5).outputs["y"].tolist() == [2.0, 4.0] for f in accepted)
+    assert len(accepted) + len(refused) == 8
+    batcher.close()
+
+
+def test_close_finishes_queued_requests_then_refuses_new_ones(digits_model: Model, digits_split):
+    batcher = MicroBatcher(digits_model, max_batch=8, max_delay_ms=30)
+    futures = [batcher.submit(x) for x in digits_split.x_test[:20]]
+    batcher.close()
+    assert all(f.result(0).outputs["logits"].shape == (10,) for f in futures)
+    with pytest.raises(ClosedError):
+        batcher.submit(digits_split.x_test[0]).result(1)

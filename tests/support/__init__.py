@@ -1,0 +1,1 @@
+"""Test helpers: the real Mosquitto broker and tiny ONNX models built in code."""
