@@ -1,18 +1,21 @@
 """Micro-batching: concurrent single requests share one onnxruntime call.
 
-On a small CPU most of a tiny model's time is per-call overhead, so merging requests that arrive
+On a small CPU most of a small model's time is per-call overhead, so merging requests that arrive
 within `max_delay_ms` of each other (up to `max_batch` samples) multiplies throughput. Each
-request is checked on its own before it joins a batch, and if a batch still fails in
-onnxruntime its requests are retried one by one, so one bad request never fails its batch-mates.
+request's names, dtypes and shapes are checked before it joins a batch; the NaN/Inf check runs
+once on the whole batch and, when it fires, finds the culprits. If onnxruntime still fails a
+batch, its requests are retried one by one, so one bad request never fails its batch-mates.
+
+Per-request bookkeeping is kept to a few Python operations (a deque, a lock used as a latch),
+because at tens of thousands of requests a second that, not the model, is the limit.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
-from collections.abc import Mapping
-from concurrent.futures import Future
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +26,7 @@ from runtime.model import Model
 from runtime.slot import ModelSlot
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BatchResult:
     """One request's share of a batch run."""
 
@@ -34,23 +37,73 @@ class BatchResult:
     batch_size: int
 
 
-@dataclass
+class Pending:
+    """The outcome of one submitted request: a result or an error, exactly once.
+
+    Lighter than concurrent.futures.Future (a bare lock as the latch, no condition variable):
+    the batcher creates one per request. Callbacks run on the batcher's thread and must be quick.
+    """
+
+    __slots__ = ("_callbacks", "_error", "_latch", "_result")
+
+    def __init__(self) -> None:
+        self._latch = threading.Lock()
+        self._latch.acquire()
+        self._result: BatchResult | None = None
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[[Pending], None]] | None = None
+
+    def done(self) -> bool:
+        return self._result is not None or self._error is not None
+
+    def result(self, timeout: float | None = None) -> BatchResult:
+        """Wait for the outcome; raise the request's own error if it failed."""
+        if not self.done():
+            if not self._latch.acquire(timeout=-1 if timeout is None else timeout):
+                raise TimeoutError(f"no result within {timeout} s")
+            self._latch.release()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        try:
+            self.result(timeout)
+        except TimeoutError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - handing it back is the point
+            return exc
+        return None
+
+    def add_done_callback(self, fn: Callable[[Pending], None]) -> None:
+        """Call fn(self) when done (at once, on this thread, if it already is)."""
+        if self.done():
+            fn(self)
+            return
+        if self._callbacks is None:
+            self._callbacks = []
+        self._callbacks.append(fn)
+        if self.done() and fn in self._callbacks:  # finished while we were adding
+            self._callbacks.remove(fn)
+            fn(self)
+
+    def _finish(self, result: BatchResult | None, error: BaseException | None) -> None:
+        self._result, self._error = result, error
+        self._latch.release()
+        callbacks, self._callbacks = self._callbacks, None
+        for fn in callbacks or ():
+            fn(self)
+
+
+@dataclass(slots=True)
 class _Request:
     model: Model
     arrays: dict[str, np.ndarray]
     rows: int
     squeeze: bool
     enqueued: float
-    future: Future[BatchResult]
-
-    def signature(self) -> tuple[int, object]:
-        """Requests can share a run when they go to the same model with the same sample shape."""
-        if not self.model.batchable:
-            return id(self.model), id(self)  # runs alone
-        return id(self.model), tuple((k, v.shape[1:]) for k, v in self.arrays.items())
-
-
-_STOP = object()
+    pending: Pending
 
 
 class MicroBatcher:
@@ -69,33 +122,39 @@ class MicroBatcher:
         self.slot = source if isinstance(source, ModelSlot) else ModelSlot(source)
         self.max_batch = max_batch
         self.max_delay_s = max_delay_ms / 1000.0
-        self._queue: queue.Queue[_Request | object] = queue.Queue(maxsize=max_queue)
-        self._carry: _Request | None = None
+        self.max_queue = max_queue
+        self._items: deque[_Request] = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._worker_waiting = False
         self._closed = False
         self._worker = threading.Thread(target=self._loop, name="edgefleet-batcher", daemon=True)
         self._worker.start()
 
-    def submit(self, inputs: Mapping[str, Any] | Any) -> Future[BatchResult]:
-        """Queue one request; its future holds a BatchResult or the request's own error."""
-        future: Future[BatchResult] = Future()
-        if self._closed:
-            future.set_exception(ClosedError("the batcher is closed"))
-            return future
+    def submit(self, inputs: Mapping[str, Any] | Any) -> Pending:
+        """Queue one request; its Pending holds a BatchResult or the request's own error."""
+        pending = Pending()
         model = self.slot.current  # the request is bound to the model active now
         try:
-            checked = model.check(inputs)
+            checked = model.check(inputs, finite=False)
         except EdgefleetError as exc:
             model.metrics.record_error()
-            future.set_exception(exc)
-            return future
+            pending._finish(None, exc)
+            return pending
         req = _Request(model, checked.arrays, checked.batch, checked.added_batch,
-                       time.perf_counter(), future)
-        try:
-            self._queue.put_nowait(req)
-        except queue.Full:
-            future.set_exception(OverloadedError(
-                f"inference queue is full ({self._queue.maxsize} requests waiting)"))
-        return future
+                       time.perf_counter(), pending)
+        with self._cond:
+            if self._closed:
+                error: EdgefleetError | None = ClosedError("the batcher is closed")
+            elif len(self._items) >= self.max_queue:
+                error = OverloadedError(f"inference queue is full ({self.max_queue} waiting)")
+            else:
+                error = None
+                self._items.append(req)
+                if self._worker_waiting:
+                    self._cond.notify()
+        if error is not None:
+            pending._finish(None, error)
+        return pending
 
     def run(self, inputs: Mapping[str, Any] | Any, timeout: float | None = None) -> BatchResult:
         """Submit and wait: the blocking form of `submit`."""
@@ -103,89 +162,127 @@ class MicroBatcher:
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize()
+        return len(self._items)
 
     def close(self, timeout: float | None = None) -> None:
         """Stop intake, finish every queued request, then stop the worker."""
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put(_STOP)
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
         self._worker.join(timeout)
 
     def _loop(self) -> None:
         while True:
             batch = self._collect()
-            if batch is None:
+            if not batch:
                 return
             self._process(batch)
 
-    def _collect(self) -> list[_Request] | None:
-        """Block for a first request, then gather more until full or its deadline passes."""
-        first = self._carry if self._carry is not None else self._queue.get()
-        self._carry = None
-        if first is _STOP:
-            return None
-        assert isinstance(first, _Request)
-        batch, rows = [first], first.rows
-        deadline = first.enqueued + self.max_delay_s
-        while rows < self.max_batch:
-            remaining = deadline - time.perf_counter()
-            try:
-                item = self._queue.get(timeout=remaining) if remaining > 0 else \
-                    self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is _STOP:
-                self._queue.put(_STOP)  # finish this batch, then stop
-                break
-            assert isinstance(item, _Request)
-            if rows + item.rows > self.max_batch:
-                self._carry = item
-                break
-            batch.append(item)
-            rows += item.rows
+    def _collect(self) -> list[_Request]:
+        """Wait for a first request, then for more until max_batch rows or its deadline."""
+        items = self._items
+        with self._cond:
+            while not items:
+                if self._closed:
+                    return []
+                self._worker_waiting = True
+                self._cond.wait()
+                self._worker_waiting = False
+            deadline = items[0].enqueued + self.max_delay_s
+            while not self._closed and _rows(items, self.max_batch) < self.max_batch:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._worker_waiting = True
+                self._cond.wait(remaining)
+                self._worker_waiting = False
+            batch, rows = [items.popleft()], 0
+            rows = batch[0].rows
+            while items and rows + items[0].rows <= self.max_batch:
+                req = items.popleft()
+                batch.append(req)
+                rows += req.rows
         return batch
 
     def _process(self, batch: list[_Request]) -> None:
         groups: dict[Any, list[_Request]] = {}
         for req in batch:
-            groups.setdefault(req.signature(), []).append(req)
+            groups.setdefault(_signature(req), []).append(req)
         for group in groups.values():
             try:
                 self._run_group(group)
-            except InferenceError as exc:
-                if len(group) == 1:
-                    group[0].future.set_exception(exc)
-                    continue
-                for req in group:  # find the one that broke the batch; the others still succeed
-                    try:
-                        self._run_group([req])
-                    except InferenceError as single_exc:
-                        req.future.set_exception(single_exc)
             except Exception as exc:  # never let the worker die: fail this group, serve the next
                 for req in group:
-                    if not req.future.done():
-                        req.future.set_exception(InferenceError(f"batch failed: {exc!r}"))
+                    if not req.pending.done():
+                        req.pending._finish(None, InferenceError(f"batch failed: {exc!r}"))
 
     def _run_group(self, group: list[_Request]) -> None:
         model = group[0].model
-        started = time.perf_counter()
         if len(group) == 1:
             arrays = group[0].arrays
         else:
             arrays = {k: np.concatenate([r.arrays[k] for r in group]) for k in group[0].arrays}
-        outputs = model.run_checked(arrays)
-        done = time.perf_counter()
-        offset = 0
-        for req in group:
+        bad = _non_finite(model, arrays)
+        if bad:  # rare: find the culprits, fail them, run the others
+            group = self._fail_non_finite(model, group)
+            if group:
+                self._run_group(group)
+            return
+        started = time.perf_counter()
+        try:
+            outputs = model.run_checked(arrays)
+        except InferenceError as exc:
             if len(group) == 1:
+                group[0].pending._finish(None, exc)
+            else:  # find the one that broke the batch; the others still succeed
+                for req in group:
+                    self._run_group([req])
+            return
+        done = time.perf_counter()
+        offset, spent, size = 0, done - started, len(group)
+        record = model.metrics.record
+        for req in group:
+            if size == 1:
                 part = outputs
             else:
                 part = {k: v[offset:offset + req.rows] for k, v in outputs.items()}
                 offset += req.rows
             if req.squeeze:
                 part = {k: v[0] for k, v in part.items()}
-            model.metrics.record(done - req.enqueued)
-            req.future.set_result(BatchResult(part, model, started - req.enqueued,
-                                              done - started, len(group)))
+            record(done - req.enqueued)
+            req.pending._finish(BatchResult(part, model, started - req.enqueued, spent, size),
+                                None)
+
+    @staticmethod
+    def _fail_non_finite(model: Model, group: list[_Request]) -> list[_Request]:
+        keep = []
+        for req in group:
+            error = next((e for k, a in req.arrays.items()
+                          if (e := model.input_checker.non_finite(k, a)) is not None), None)
+            if error is None:
+                keep.append(req)
+            else:
+                model.metrics.record_error()
+                req.pending._finish(None, error)
+        return keep
+
+
+def _signature(req: _Request) -> tuple[int, object]:
+    """Requests can share a run when they go to the same model with the same sample shape."""
+    if not req.model.batchable:
+        return id(req.model), id(req)  # runs alone
+    return id(req.model), tuple((k, v.shape[1:]) for k, v in req.arrays.items())
+
+
+def _non_finite(model: Model, arrays: dict[str, np.ndarray]) -> bool:
+    checker = model.input_checker
+    return any(checker.non_finite(k, a) is not None for k, a in arrays.items())
+
+
+def _rows(items: deque[_Request], cap: int) -> int:
+    total = 0
+    for req in items:
+        total += req.rows
+        if total >= cap:
+            break
+    return total

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import msgspec
 
 from runtime.errors import PackageError
 from runtime.package import Manifest, load_package
@@ -99,10 +100,11 @@ def package_verify(directory: Path, key_paths: tuple[Path, ...], as_json: bool) 
 def _print_manifest(m: Manifest, *, signed: bool) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=f"{m.name} v{m.version}", show_header=False, title_justify="left")
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")
 
     def specs(items: list[Any]) -> str:
         return "\n".join(f"{s.name}: {s.describe()}" for s in items)
@@ -116,7 +118,7 @@ def _print_manifest(m: Manifest, *, signed: bool) -> None:
         ("compression", _compact(m.compression)), ("metrics", _compact(m.metrics)),
     ]
     for key, value in rows:
-        table.add_row(key, value)
+        table.add_row(key, Text(value))  # Text: shapes like [batch,1,8,8] are not markup
     Console().print(table)
 
 
@@ -131,5 +133,5 @@ def _compact(value: Any) -> str:
     if not value:
         return "none"
     if hasattr(value, "items"):
-        value = {k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in value.items()}
+        value = msgspec.to_builtins(value)
     return json.dumps(value, separators=(", ", ": "))

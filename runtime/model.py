@@ -43,10 +43,12 @@ class SessionConfig:
     spinning: bool = False
     memory_arena: bool = True
     optimization: Optimization = "all"
+    #: treat `threads` as a ceiling and keep one thread when the model runs as fast on it
+    auto_threads: bool = True
 
     def session_options(self) -> ort.SessionOptions:
         so = ort.SessionOptions()
-        so.intra_op_num_threads = self.threads
+        so.intra_op_num_threads = max(1, self.threads)
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = _OPT_LEVELS[self.optimization]
@@ -87,6 +89,8 @@ class Model:
         if not model_path.is_file():
             raise ModelLoadError(f"model file {model_path} does not exist")
         self._session = _open_session(model_path, self.config)
+        self.threads = self.config.threads
+        self._run = _fast_run(self._session)
         self.inputs = _specs(self._session.get_inputs())
         self.outputs = _specs(self._session.get_outputs())
         self._output_names = [o.name for o in self.outputs]
@@ -106,14 +110,21 @@ class Model:
         self._pre = Preprocessor(manifest.preprocess if manifest else None,
                                  {s.name: len(s.shape) for s in self.inputs})
         self.metrics = Metrics()
-        self._warm_up(warmup_batches)
+        batches = sorted({1, *warmup_batches}) if self.batchable else [1]
+        self._warm_up(batches)
+        if self.config.threads > 1 and self.config.auto_threads:
+            self._pick_threads(model_path, batches)
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, version={self.version!r})"
 
-    def check(self, inputs: Mapping[str, Any] | Any) -> CheckedInputs:
+    @property
+    def input_checker(self) -> InputChecker:
+        return self._checker
+
+    def check(self, inputs: Mapping[str, Any] | Any, *, finite: bool = True) -> CheckedInputs:
         """Validate and convert inputs (see runtime.schema); raises InputError."""
-        return self._checker.check(inputs)
+        return self._checker.check(inputs, finite=finite)
 
     def run(self, inputs: Mapping[str, Any] | Any) -> dict[str, np.ndarray]:
         """Check, pre-process, run and post-process one request; outputs keep the caller's batching.
@@ -137,7 +148,7 @@ class Model:
         if self._pre:
             arrays = self._pre.apply(dict(arrays))
         try:
-            values = self._session.run(self._output_names, arrays)
+            values = self._run(self._output_names, arrays, None)
         except Exception as exc:  # onnxruntime raises its own pybind classes
             self.metrics.record_error()
             raise InferenceError(f"model {self.name} v{self.version} failed: "
@@ -163,16 +174,60 @@ class Model:
             feeds[spec.name] = np.zeros(shape, dtype=spec.dtype)
         return feeds
 
-    def _warm_up(self, batches: Iterable[int]) -> None:
-        sizes = sorted({1, *batches}) if self.inputs[0].batch_dynamic else [1]
-        for size in sizes:
+    def _warm_up(self, batches: Sequence[int]) -> None:
+        for size in batches:
             feeds = self.sample_inputs(size)
             try:
                 for _ in range(2):
-                    self._session.run(self._output_names, feeds)
+                    self._run(self._output_names, feeds, None)
             except Exception as exc:
                 raise ModelLoadError(f"model {self.name} loads but fails on a zero input of batch "
                                      f"{size}: {_ort_message(exc)}") from exc
+
+    def _pick_threads(self, model_path: Path, batches: Sequence[int]) -> None:
+        """Keep a single-threaded session when it is at least as fast at every warm-up batch.
+
+        For small models the intra-op pool's wake-ups (worse with spinning off) cost more than
+        the parallelism saves; large models (over ~2 ms a call) keep every allowed thread.
+        """
+        probe = [self.sample_inputs(b) for b in batches]
+        multi = [_median_time(self._run, self._output_names, f) for f in probe]
+        if max(multi) > 0.002:
+            return
+        single_cfg = SessionConfig(threads=1, spinning=self.config.spinning,
+                                   memory_arena=self.config.memory_arena,
+                                   optimization=self.config.optimization, auto_threads=False)
+        single = _open_session(model_path, single_cfg)
+        run = _fast_run(single)
+        for feeds in probe:
+            run(self._output_names, feeds, None)
+        # measure both again side by side, so that noise hits them alike
+        one = [_median_time(run, self._output_names, f) for f in probe]
+        multi = [_median_time(self._run, self._output_names, f) for f in probe]
+        if all(a <= b for a, b in zip(one, multi, strict=True)):
+            self._session, self._run, self.threads = single, run, 1
+
+
+def _fast_run(session: ort.InferenceSession) -> Any:
+    """The session's run(names, feeds, run_options).
+
+    InferenceSession.run re-validates the feed names on every call, which `check` already did;
+    the binding underneath skips that (about 10 µs a call). Falls back to the public method if a
+    future onnxruntime moves the binding.
+    """
+    sess = getattr(session, "_sess", None)
+    if sess is not None and callable(getattr(sess, "run", None)):
+        return sess.run
+    return lambda names, feeds, _opts: session.run(names, feeds)
+
+
+def _median_time(run: Any, names: list[str], feeds: dict[str, np.ndarray], n: int = 25) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        run(names, feeds, None)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[n // 2]
 
 
 def _open_session(model_path: Path, config: SessionConfig) -> ort.InferenceSession:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+import msgspec
 
 from runtime.errors import (
     IntegrityError,
@@ -39,64 +38,50 @@ MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class Manifest(BaseModel):
-    """manifest.json of CONTRACT section 4. Unknown keys are kept: newer writers may add some."""
+Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+
+class Manifest(msgspec.Struct, frozen=True, kw_only=True):
+    """manifest.json of CONTRACT section 4.
+
+    Unknown keys are accepted and ignored, so packages from a newer edgefleet of the same
+    format still load; a breaking change bumps `format` instead.
+    """
 
     format: str = FORMAT
-    name: str = Field(pattern=NAME_PATTERN)
-    version: str = Field(pattern=NAME_PATTERN)
-    created: str = Field(description="ISO 8601 time the package was written")
+    name: Name
+    version: Name
+    created: str
     file: str = MODEL_FILE
-    sha256: str
-    size: int = Field(ge=0)
-    inputs: list[TensorSpec] = Field(min_length=1)
-    outputs: list[TensorSpec] = Field(min_length=1)
+    sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+    size: Annotated[int, msgspec.Meta(ge=0)]
+    inputs: Annotated[list[TensorSpec], msgspec.Meta(min_length=1)]
+    outputs: Annotated[list[TensorSpec], msgspec.Meta(min_length=1)]
     labels: list[str] | None = None
     preprocess: dict[str, Normalize] | None = None
     postprocess: PostprocessKind = "none"
-    top_k: int = Field(5, ge=1, description="how many labels a result lists in `top`")
-    signer: str | None = Field(None, description="fingerprint of the key that signed it")
-    compression: dict[str, Any] = Field(default_factory=dict)
-    metrics: dict[str, Any] = Field(default_factory=dict)
+    top_k: Annotated[int, msgspec.Meta(ge=1)] = 5  # how many labels a result lists in `top`
+    signer: str | None = None  # fingerprint of the key that signed the package
+    compression: dict[str, Any] = msgspec.field(default_factory=dict)
+    metrics: dict[str, Any] = msgspec.field(default_factory=dict)
 
-    @field_validator("version", mode="before")
-    @classmethod
-    def _version_as_text(cls, value: Any) -> Any:
-        return str(value) if isinstance(value, int) else value
-
-    @field_validator("created")
-    @classmethod
-    def _iso_time(cls, value: str) -> str:
-        datetime.fromisoformat(value)
-        return value
-
-    @field_validator("file")
-    @classmethod
-    def _plain_file_name(cls, value: str) -> str:
+    def __post_init__(self) -> None:
+        try:
+            datetime.fromisoformat(self.created)
+        except ValueError:
+            raise ValueError(f"created must be an ISO 8601 time, got {self.created!r}") from None
         # A manifest must never point outside its own directory.
-        if not value or "/" in value or "\\" in value or value in {".", ".."}:
-            raise ValueError(f"must be a file name inside the package, got {value!r}")
-        return value
-
-    @field_validator("sha256")
-    @classmethod
-    def _hex_digest(cls, value: str) -> str:
-        if not _SHA256.match(value):
-            raise ValueError("must be 64 lowercase hex digits")
-        return value
-
-    @model_validator(mode="after")
-    def _cross_checks(self) -> Manifest:
-        names = {s.name for s in self.inputs}
-        unknown = set(self.preprocess or {}) - names
+        if not self.file or "/" in self.file or "\\" in self.file or self.file in {".", ".."}:
+            raise ValueError(f"file must be a file name inside the package, got {self.file!r}")
+        unknown = set(self.preprocess or {}) - {s.name for s in self.inputs}
         if unknown:
             raise ValueError(f"preprocess names unknown inputs: {sorted(unknown)}")
-        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = msgspec.to_builtins(self)
+        return doc
 
 
 @dataclass(frozen=True)
@@ -142,14 +127,12 @@ def read_manifest(path: Path) -> tuple[Manifest, bytes]:
                 f"{manifest_path} declares format {fmt!r}; this edgefleet reads {FORMAT!r} "
                 "(upgrade edgefleet to read newer packages)")
         raise ManifestError(f"{manifest_path} has format {fmt!r}, expected {FORMAT!r}")
+    if isinstance(doc.get("version"), int):  # `--version 3` is fine as a number too
+        doc["version"] = str(doc["version"])
     try:
-        return Manifest.model_validate(doc), raw
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "manifest"
-        raise ManifestError(f"{manifest_path}: {where}: {first['msg']}"
-                            f"{f' (+{exc.error_count() - 1} more)' if exc.error_count() > 1 else ''}"
-                            ) from None
+        return msgspec.convert(doc, Manifest), raw
+    except msgspec.ValidationError as exc:
+        raise ManifestError(f"{manifest_path}: {exc}") from None
 
 
 def load_package(
@@ -241,12 +224,17 @@ def write_package(
         from runtime.signing import fingerprint
 
         signer = fingerprint(sign_key.public_key())
-    manifest = Manifest(
-        name=name, version=version, created=datetime.now(UTC).isoformat(timespec="seconds"),
-        sha256=hashlib.sha256(data).hexdigest(), size=len(data), inputs=list(inputs),
-        outputs=list(outputs), signer=signer, **fields,
-    )
-    raw = (json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n").encode()
+    doc = msgspec.to_builtins({
+        "format": FORMAT, "name": name, "version": str(version),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"), "file": MODEL_FILE,
+        "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "inputs": list(inputs),
+        "outputs": list(outputs), "signer": signer, **fields,
+    })
+    try:  # the same validation a reader applies: never write a package nobody can load
+        manifest = msgspec.convert(doc, Manifest)
+    except msgspec.ValidationError as exc:
+        raise ManifestError(f"cannot write package {path}: {exc}") from None
+    raw = (json.dumps(manifest.to_dict(), indent=2) + "\n").encode()
     _atomic_write(path / MANIFEST_FILE, raw)
     sig_path = path / SIGNATURE_FILE
     if sign_key is not None:

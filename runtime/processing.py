@@ -11,30 +11,30 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import msgspec
 
 PostprocessKind = Literal["none", "softmax", "sigmoid"]
 
 
-class Normalize(BaseModel):
-    """x -> (x * scale - mean) / std, with mean and std per channel or scalar."""
+class Normalize(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """x -> (x * scale - mean) / std, with mean and std per channel or scalar.
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    `scale` is applied first (e.g. 1/255 for 8-bit pixels); `channel_axis` is the axis of the
+    batched input that per-channel mean/std lists run along.
+    """
 
-    scale: float = Field(1.0, description="applied first, e.g. 1/255 for 8-bit pixels")
+    scale: float = 1.0
     mean: float | list[float] = 0.0
     std: float | list[float] = 1.0
-    channel_axis: int = Field(1, description="axis of the batched input that mean/std run along")
+    channel_axis: int = 1
 
-    @model_validator(mode="after")
-    def _check(self) -> Normalize:
+    def __post_init__(self) -> None:
         stds = self.std if isinstance(self.std, list) else [self.std]
         if any(s == 0 for s in stds):
             raise ValueError("std must not be zero")
         if isinstance(self.mean, list) and isinstance(self.std, list) and \
                 len(self.mean) != len(self.std):
             raise ValueError("mean and std lists must have the same length")
-        return self
 
 
 class Preprocessor:

@@ -7,12 +7,13 @@ and the error names the input, what was expected and what came.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, field_validator
+import msgspec
 
 from runtime.errors import InputError
 
@@ -39,21 +40,16 @@ SUPPORTED_DTYPES = frozenset(_ORT_TYPES.values())
 _EXACT_INT_LIMIT = {np.dtype("float16"): 2**11, np.dtype("float32"): 2**24, np.dtype("float64"): 2**53}
 
 
-class TensorSpec(BaseModel):
+class TensorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Name, dtype and shape of one model input or output."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
     dtype: str
     shape: list[Dim]
 
-    @field_validator("dtype")
-    @classmethod
-    def _known_dtype(cls, value: str) -> str:
-        if value not in SUPPORTED_DTYPES:
-            raise ValueError(f"unsupported dtype {value!r}; one of {sorted(SUPPORTED_DTYPES)}")
-        return value
+    def __post_init__(self) -> None:
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"unsupported dtype {self.dtype!r}; one of {sorted(SUPPORTED_DTYPES)}")
 
     @classmethod
     def from_ort(cls, name: str, ort_type: str, shape: Sequence[Any]) -> TensorSpec:
@@ -85,97 +81,133 @@ class CheckedInputs:
     added_batch: bool
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """Everything `check` needs about one input, precomputed: it runs on every request."""
+
+    spec: TensorSpec
+    dtype: np.dtype
+    rank: int
+    fixed: tuple[tuple[int, int], ...]
+    batch_dynamic: bool
+    is_float: bool
+
+
 class InputChecker:
     """Validates and converts request inputs against a model's input specs.
 
     Built once per model; `check` runs on every request, so it does the least work that keeps
-    its promises (no copies when the array already fits).
+    its promises (no copies when the array already fits, one reduction for the finite check).
     """
 
     def __init__(self, specs: Sequence[TensorSpec]) -> None:
         self.specs = list(specs)
-        self._by_name = {s.name: s for s in self.specs}
-        self._dtypes = {s.name: np.dtype(s.dtype) for s in self.specs}
+        self._plans = {
+            s.name: _Plan(s, np.dtype(s.dtype), len(s.shape),
+                          tuple((i, d) for i, d in enumerate(s.shape) if isinstance(d, int)),
+                          s.batch_dynamic, np.dtype(s.dtype).kind == "f")
+            for s in self.specs
+        }
+        self._single = self.specs[0].name if len(self.specs) == 1 else None
 
-    def check(self, inputs: Mapping[str, Any] | Any) -> CheckedInputs:
+    def check(self, inputs: Mapping[str, Any] | Any, *, finite: bool = True) -> CheckedInputs:
         """Return arrays keyed by input name, or raise InputError naming the first problem.
 
-        A bare array (not a mapping) is accepted for a single-input model.
+        A bare array (not a mapping) is accepted for a single-input model. finite=False leaves
+        the NaN/Inf check to the caller (the batcher does it once per batch).
         """
         feeds = self._as_mapping(inputs)
+        if self._single is not None:  # the common case, without the bookkeeping below
+            arr, added = self._check_one(self._plans[self._single], feeds[self._single], finite)
+            plan = self._plans[self._single]
+            return CheckedInputs({self._single: arr},
+                                 arr.shape[0] if plan.batch_dynamic else 1, added)
         arrays: dict[str, np.ndarray] = {}
-        added: set[bool] = set()
+        added_set: set[bool] = set()
         batches: set[int] = set()
         for name, value in feeds.items():
-            spec = self._by_name[name]
-            arr, was_added = self._check_one(spec, self._dtypes[name], value)
+            plan = self._plans[name]
+            arr, was_added = self._check_one(plan, value, finite)
             arrays[name] = arr
-            added.add(was_added)
-            if spec.batch_dynamic:
+            added_set.add(was_added)
+            if plan.batch_dynamic:
                 batches.add(arr.shape[0])
-        if len(added) > 1:
+        if len(added_set) > 1:
             raise InputError("inputs mix single samples and batches: send all of them with or "
                              "all without the batch dimension")
         if len(batches) > 1:
             raise InputError(f"inputs disagree on the batch size: {sorted(batches)}")
         batch = batches.pop() if batches else 1
-        return CheckedInputs(arrays=arrays, batch=batch, added_batch=added.pop())
+        return CheckedInputs(arrays=arrays, batch=batch, added_batch=added_set.pop())
+
+    def non_finite(self, name: str, arr: np.ndarray) -> InputError | None:
+        """The NaN/Inf error for this input's array, or None when every value is finite."""
+        plan = self._plans[name]
+        if plan.is_float and not _all_finite(arr):
+            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            return InputError(f"input {name!r}: {bad} value(s) are NaN or infinite",
+                              input_name=name)
+        return None
 
     def _as_mapping(self, inputs: Mapping[str, Any] | Any) -> Mapping[str, Any]:
-        if not isinstance(inputs, Mapping):
-            if len(self.specs) != 1:
+        if not isinstance(inputs, dict | Mapping):
+            if self._single is None:
                 raise InputError(f"this model has {len(self.specs)} inputs "
-                                 f"({', '.join(self._by_name)}): pass them by name")
-            return {self.specs[0].name: inputs}
-        unknown = [k for k in inputs if k not in self._by_name]
-        if unknown:
-            raise InputError(f"unknown input {unknown[0]!r}; the model's inputs are "
-                             f"{', '.join(self._by_name)}", input_name=str(unknown[0]))
-        missing = [k for k in self._by_name if k not in inputs]
-        if missing:
+                                 f"({', '.join(self._plans)}): pass them by name")
+            return {self._single: inputs}
+        if len(inputs) != len(self._plans) or any(k not in self._plans for k in inputs):
+            unknown = [k for k in inputs if k not in self._plans]
+            if unknown:
+                raise InputError(f"unknown input {unknown[0]!r}; the model's inputs are "
+                                 f"{', '.join(self._plans)}", input_name=str(unknown[0]))
+            missing = [k for k in self._plans if k not in inputs]
             raise InputError(f"missing input {missing[0]!r} "
-                             f"(expected {self._by_name[missing[0]].describe()})",
+                             f"(expected {self._plans[missing[0]].spec.describe()})",
                              input_name=missing[0])
         return inputs
 
-    def _check_one(self, spec: TensorSpec, dtype: np.dtype, value: Any) -> tuple[np.ndarray, bool]:
-        arr = _to_array(spec, value)
-        if arr.dtype != dtype:
-            arr = _safe_cast(spec, arr, dtype)
+    def _check_one(self, plan: _Plan, value: Any, finite: bool) -> tuple[np.ndarray, bool]:
+        spec = plan.spec
+        arr = value if type(value) is np.ndarray else _to_array(spec, value)
+        if arr.dtype != plan.dtype:
+            arr = _safe_cast(spec, arr, plan.dtype)
         added = False
-        rank = len(spec.shape)
-        if arr.ndim == rank - 1 and spec.batch_dynamic:
-            arr, added = arr[np.newaxis], True
-        elif arr.ndim != rank:
-            raise InputError(f"input {spec.name!r}: expected rank {rank} {spec.describe()}"
-                             f"{' (or one sample without the batch axis)' if spec.batch_dynamic else ''}"
-                             f", got shape {list(arr.shape)}", input_name=spec.name)
-        for axis, dim in enumerate(spec.shape):
-            if isinstance(dim, int) and arr.shape[axis] != dim:
+        if arr.ndim != plan.rank:
+            if arr.ndim == plan.rank - 1 and plan.batch_dynamic:
+                arr, added = arr[np.newaxis], True
+            else:
+                raise InputError(
+                    f"input {spec.name!r}: expected rank {plan.rank} {spec.describe()}"
+                    f"{' (or one sample without the batch axis)' if plan.batch_dynamic else ''}"
+                    f", got shape {list(arr.shape)}", input_name=spec.name)
+        shape = arr.shape
+        for axis, dim in plan.fixed:
+            if shape[axis] != dim:
                 raise InputError(f"input {spec.name!r}: expected shape {spec.describe()}, got "
-                                 f"{list(arr.shape)} (axis {axis} must be {dim})",
+                                 f"{list(shape)} (axis {axis} must be {dim})",
                                  input_name=spec.name)
-        if dtype.kind == "f" and not np.isfinite(arr).all():
-            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-            raise InputError(f"input {spec.name!r}: {bad} value(s) are NaN or infinite",
-                             input_name=spec.name)
+        if finite and plan.is_float:
+            error = self.non_finite(spec.name, arr)
+            if error:
+                raise error
         return arr, added
 
 
+def _all_finite(arr: np.ndarray) -> bool:
+    """One reduction instead of two: a NaN or Inf makes the sum non-finite. A sum that overflows
+    from finite values is rare, and then the exact (slower) check decides."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if math.isfinite(arr.sum()):
+            return True
+    return bool(np.isfinite(arr).all())
+
+
 def _to_array(spec: TensorSpec, value: Any) -> np.ndarray:
-    if isinstance(value, np.ndarray):
-        arr = value
-    else:
-        try:
-            arr = np.asarray(value)
-        except (ValueError, TypeError) as exc:
-            raise InputError(f"input {spec.name!r}: not a rectangular array of numbers ({exc})",
-                             input_name=spec.name) from None
-    if arr.dtype.kind not in "biuf":
-        raise InputError(f"input {spec.name!r}: expected numbers ({spec.dtype}), got "
-                         f"{'ragged or mixed values' if arr.dtype.kind == 'O' else arr.dtype}",
-                         input_name=spec.name)
-    return arr
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"input {spec.name!r}: not a rectangular array of numbers ({exc})",
+                         input_name=spec.name) from None
 
 
 def _safe_cast(spec: TensorSpec, arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -187,6 +219,10 @@ def _safe_cast(spec: TensorSpec, arr: np.ndarray, dtype: np.dtype) -> np.ndarray
     they fit. Floats are never truncated into integers.
     """
     src, name = arr.dtype, spec.name
+    if src.kind not in "biuf":
+        raise InputError(f"input {name!r}: expected numbers ({spec.dtype}), got "
+                         f"{'ragged or mixed values' if src.kind == 'O' else src}",
+                         input_name=name)
     problem: str | None = None
     if src.kind == "b":
         pass

@@ -74,8 +74,12 @@ class PoisonModel:
         self.calls: list[int] = []
         self._checker = InputChecker([TensorSpec(name="x", dtype="float32", shape=["N", 2])])
 
-    def check(self, inputs) -> CheckedInputs:  # type: ignore[no-untyped-def]
-        return self._checker.check(inputs)
+    @property
+    def input_checker(self) -> InputChecker:
+        return self._checker
+
+    def check(self, inputs, *, finite: bool = True) -> CheckedInputs:  # type: ignore[no-untyped-def]
+        return self._checker.check(inputs, finite=finite)
 
     def run_checked(self, arrays):  # type: ignore[no-untyped-def]
         x = arrays["x"]

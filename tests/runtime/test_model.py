@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -46,7 +47,7 @@ def test_digits_accuracy_and_labels(digits_package: Path, digits_split):
 def test_schema_is_exposed(digits_package: Path):
     model = Model(digits_package)
     assert (model.name, model.version) == ("digits", "1")
-    assert [s.model_dump() for s in model.inputs] == [
+    assert msgspec.to_builtins(model.inputs) == [
         {"name": "image", "dtype": "float32", "shape": ["batch", 1, 8, 8]}]
     assert model.outputs[0].name == "logits"
     assert model.labels == [str(i) for i in range(10)]

@@ -154,13 +154,19 @@ def test_manifest_that_is_not_json(digits_package: Path):
         load_package(digits_package)
 
 
-def test_unknown_manifest_keys_are_kept_for_forward_compatibility(digits_package: Path):
+def test_unknown_manifest_keys_are_accepted_for_forward_compatibility(digits_package: Path):
     path = digits_package / "manifest.json"
     doc = json.loads(path.read_text())
     doc["future_field"] = {"x": 1}
     path.write_text(json.dumps(doc))
-    manifest, _ = read_manifest(digits_package)
-    assert manifest.model_extra == {"future_field": {"x": 1}}
+    manifest, raw = read_manifest(digits_package)
+    assert manifest.name == "digits"
+    assert json.loads(raw)["future_field"] == {"x": 1}  # still there for `package info --json`
+
+
+def test_invalid_fields_are_refused_at_write_time(tmp_path: Path, linear_onnx: Path):
+    with pytest.raises(ManifestError, match=r"cannot write package .*\$\.name"):
+        write_package(tmp_path / "p", linear_onnx, name="no spaces allowed")
 
 
 def test_unsigned_write_removes_a_stale_signature(tmp_path: Path, linear_onnx: Path,

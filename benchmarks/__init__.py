@@ -1,0 +1,1 @@
+"""One script per performance question; run as `python -m benchmarks.<name> [--quick]`."""

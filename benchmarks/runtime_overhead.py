@@ -1,0 +1,187 @@
+"""What does `runtime` cost over bare onnxruntime, and what does micro-batching buy?
+
+A. single-request latency of runtime.Model vs a bare InferenceSession.run loop (same model file,
+   same thread count) for a tiny digits CNN and for a ~5 ms CNN; B. throughput of 64 concurrent
+   producers of single samples with micro-batching on vs off; C. peak RSS of a process that
+   imports runtime and loads the signed digits package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import Report, Target, interleaved_medians
+
+THREADS = 2
+
+
+def build_models(workdir: Path, quick: bool) -> dict[str, Any]:
+    """Train the tiny digits CNN; build the ~5 ms CNN (random weights: latency does not depend on
+    them); write both as signed packages."""
+    import torch
+
+    from compress.examples import digits
+    from runtime.package import write_package
+    from runtime.processing import Normalize
+    from runtime.signing import generate_keypair, load_private_key
+
+    _, pub, _ = generate_keypair(workdir / "keys")
+    key = load_private_key(workdir / "keys" / "fleet.key")
+    split = digits.load_digits_split()
+    tiny = digits.build_cnn(width=8)
+    accuracy = digits.train(tiny, split, epochs=4 if quick else 8)
+    torch.manual_seed(0)
+    wide = digits.build_cnn(width=48, size=32, hidden=256)  # ~5 ms per call on 2 cores
+    packages = {}
+    for name, module, size in (("tiny", tiny, 8), ("wide", wide, 32)):
+        onnx_path = digits.export_onnx(module, workdir / f"{name}.onnx", size=size)
+        packages[name] = write_package(
+            workdir / name, onnx_path, name=f"digits-{name}", labels=digits.LABELS,
+            preprocess={"image": Normalize(**digits.PREPROCESS)}, postprocess="softmax",
+            sign_key=key).path
+    return {"packages": packages, "pub": pub, "split": split, "accuracy": accuracy}
+
+
+def latency(pkg: Path, sample: np.ndarray, calls: int, rounds: int) -> dict[str, float]:
+    """Median per-call seconds: bare session on a prepared batch-1 array vs Model.run on a raw
+    single sample (schema check, batch axis, normalization, softmax, metrics included)."""
+    import onnxruntime as ort
+
+    from compress.examples.digits import normalize
+    from runtime import Model, SessionConfig
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    bare = ort.InferenceSession(str(pkg / "model.onnx"), sess_options=options,
+                                providers=["CPUExecutionProvider"])
+    feed = {"image": normalize(sample[np.newaxis])}
+    model = Model(pkg, config=SessionConfig(threads=THREADS))
+    for _ in range(20):
+        bare.run(None, feed)
+        model.run(sample)
+    return interleaved_medians({"bare": lambda: bare.run(None, feed),
+                                "runtime": lambda: model.run(sample)}, calls, rounds)
+
+
+def throughput(pkg: Path, samples: np.ndarray, seconds: float, producers: int = 64
+               ) -> dict[str, float]:
+    """Requests/s completed by `producers` threads each sending single samples back to back."""
+    from runtime import MicroBatcher, Model, SessionConfig
+
+    model = Model(pkg, config=SessionConfig(threads=THREADS), warmup_batches=(producers,))
+    batcher = MicroBatcher(model, max_batch=32, max_delay_ms=2)
+
+    def drive(call: Any) -> float:
+        done = [0] * producers
+        stop = threading.Event()
+
+        def producer(k: int) -> None:
+            i = k
+            while not stop.is_set():
+                call(samples[i % len(samples)])
+                done[k] += 1
+                i += 1
+
+        threads = [threading.Thread(target=producer, args=(k,)) for k in range(producers)]
+        for t in threads:
+            t.start()
+        time.sleep(seconds)
+        stop.set()
+        for t in threads:
+            t.join()
+        return sum(done) / seconds
+
+    results = {"off": [], "on": []}  # type: dict[str, list[float]]
+    for _ in range(2):  # alternate, as for latency
+        results["off"].append(drive(model.run))
+        results["on"].append(drive(lambda x: batcher.run(x, timeout=30)))
+    batcher.close()
+    return {k: float(np.median(v)) for k, v in results.items()}
+
+
+def peak_rss_mb(pkg: Path, pub: Path) -> dict[str, float]:
+    """Peak RSS (MiB) of a fresh process serving the signed package, and of one that only loads
+    the same file with bare onnxruntime, for reference."""
+    ours = f"""
+        from pathlib import Path
+        import runtime
+        from runtime.signing import load_public_key
+        model = runtime.Model(Path({str(pkg)!r}), trusted_keys=[load_public_key(Path({str(pub)!r}))],
+                              require_signed=True)
+        model.run(model.sample_inputs()["image"][0])
+        print(peak())
+    """
+    bare = f"""
+        import numpy as np, onnxruntime as ort
+        s = ort.InferenceSession({str(pkg / 'model.onnx')!r}, providers=["CPUExecutionProvider"])
+        s.run(None, {{"image": np.zeros((1, 1, 8, 8), np.float32)}})
+        print(peak())
+    """
+    # VmHWM, not ru_maxrss: after fork+exec, ru_maxrss still counts this (torch-laden) parent.
+    peak = ("def peak():\n"
+            "    for line in open('/proc/self/status'):\n"
+            "        if line.startswith('VmHWM:'):\n"
+            "            return int(line.split()[1])\n")
+
+    def measure(code: str) -> float:
+        out = subprocess.run([sys.executable, "-c", peak + textwrap.dedent(code)], check=True,
+                             capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+        return int(out.stdout.split()[-1]) / 1024
+
+    return {"runtime": measure(ours), "bare": measure(bare)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer iterations (< 60 s)")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    calls, rounds, seconds = (200, 6, 2.0) if quick else (500, 10, 5.0)
+
+    with tempfile.TemporaryDirectory(prefix="edgefleet-bench-") as tmp:
+        built = build_models(Path(tmp), quick)
+        split, packages = built["split"], built["packages"]
+        sample = split.x_test[0]
+        tiny = latency(packages["tiny"], sample, calls, rounds)
+        wide_sample = _upsample(sample)
+        wide = latency(packages["wide"], wide_sample, max(50, calls // 5), rounds)
+        tput = throughput(packages["tiny"], split.x_test, seconds)
+        rss = peak_rss_mb(packages["tiny"], built["pub"])
+
+    report = Report("runtime_overhead", params={
+        "threads": THREADS, "quick": quick, "calls_per_round": calls, "rounds": rounds,
+        "producers": 64, "max_batch": 32, "max_delay_ms": 2, "throughput_seconds": seconds})
+    report.figures = {
+        "tiny_accuracy": round(built["accuracy"], 4),
+        "tiny_bare_ms": tiny["bare"] * 1e3, "tiny_runtime_ms": tiny["runtime"] * 1e3,
+        "tiny_latency_ratio": tiny["runtime"] / tiny["bare"],
+        "wide_bare_ms": wide["bare"] * 1e3, "wide_runtime_ms": wide["runtime"] * 1e3,
+        "wide_latency_ratio": wide["runtime"] / wide["bare"],
+        "throughput_off_rps": tput["off"], "throughput_on_rps": tput["on"],
+        "batching_speedup": tput["on"] / tput["off"],
+        "peak_rss_mb": rss["runtime"], "bare_ort_peak_rss_mb": rss["bare"],
+    }
+    report.targets = [
+        Target("tiny_latency_ratio", "<=", 1.5), Target("wide_latency_ratio", "<=", 1.10),
+        Target("batching_speedup", ">=", 3.0), Target("peak_rss_mb", "<=", 80.0),
+    ]
+    report.write()
+    return 0
+
+
+def _upsample(sample: np.ndarray) -> np.ndarray:
+    return np.kron(sample, np.ones((4, 4), dtype=np.float32))  # 8x8 -> 32x32
+
+
+if __name__ == "__main__":
+    sys.exit(main())
