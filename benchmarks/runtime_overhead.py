@@ -32,7 +32,6 @@ def build_models(workdir: Path, quick: bool) -> dict[str, Any]:
 
     from compress.examples import digits
     from runtime.package import write_package
-    from runtime.processing import Normalize
     from runtime.signing import generate_keypair, load_private_key
 
     _, pub, _ = generate_keypair(workdir / "keys")
@@ -47,7 +46,7 @@ def build_models(workdir: Path, quick: bool) -> dict[str, Any]:
         onnx_path = digits.export_onnx(module, workdir / f"{name}.onnx", size=size)
         packages[name] = write_package(
             workdir / name, onnx_path, name=f"digits-{name}", labels=digits.LABELS,
-            preprocess={"image": Normalize(**digits.PREPROCESS)}, postprocess="softmax",
+            preprocess=digits.preprocess(), postprocess="softmax",
             sign_key=key).path
     return {"packages": packages, "pub": pub, "split": split, "accuracy": accuracy}
 

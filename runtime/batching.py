@@ -72,7 +72,7 @@ class Pending:
             self.result(timeout)
         except TimeoutError:
             raise
-        except BaseException as exc:  # noqa: BLE001 - handing it back is the point
+        except BaseException as exc:
             return exc
         return None
 

@@ -10,8 +10,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import msgspec
+import numpy as np
 
 PostprocessKind = Literal["none", "softmax", "sigmoid"]
 

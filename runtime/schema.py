@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-import numpy as np
 import msgspec
+import numpy as np
 
 from runtime.errors import InputError
 
@@ -72,8 +72,7 @@ class TensorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return f"{self.dtype}[{','.join(str(d) for d in self.shape)}]"
 
 
-@dataclass(frozen=True)
-class CheckedInputs:
+class CheckedInputs(NamedTuple):
     """Arrays ready for onnxruntime, with the batch size and whether we added the batch axis."""
 
     arrays: dict[str, np.ndarray]
@@ -116,12 +115,13 @@ class InputChecker:
         A bare array (not a mapping) is accepted for a single-input model. finite=False leaves
         the NaN/Inf check to the caller (the batcher does it once per batch).
         """
+        single = self._single
+        if single is not None:  # the common case, without the bookkeeping below
+            value = inputs if type(inputs) is np.ndarray else self._as_mapping(inputs)[single]
+            plan = self._plans[single]
+            arr, added = self._check_one(plan, value, finite)
+            return CheckedInputs({single: arr}, arr.shape[0] if plan.batch_dynamic else 1, added)
         feeds = self._as_mapping(inputs)
-        if self._single is not None:  # the common case, without the bookkeeping below
-            arr, added = self._check_one(self._plans[self._single], feeds[self._single], finite)
-            plan = self._plans[self._single]
-            return CheckedInputs({self._single: arr},
-                                 arr.shape[0] if plan.batch_dynamic else 1, added)
         arrays: dict[str, np.ndarray] = {}
         added_set: set[bool] = set()
         batches: set[int] = set()
@@ -150,7 +150,7 @@ class InputChecker:
         return None
 
     def _as_mapping(self, inputs: Mapping[str, Any] | Any) -> Mapping[str, Any]:
-        if not isinstance(inputs, dict | Mapping):
+        if type(inputs) is not dict and not isinstance(inputs, Mapping):
             if self._single is None:
                 raise InputError(f"this model has {len(self.specs)} inputs "
                                  f"({', '.join(self._plans)}): pass them by name")

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from runtime.package import Package, write_package
-from runtime.processing import Normalize
 from tests.support.mosquitto import Mosquitto
 from tests.support.onnx_models import linear_model
 
@@ -81,12 +80,12 @@ def digits_onnx(tmp_path_factory: pytest.TempPathFactory, digits_split) -> Path:
 @pytest.fixture(scope="session")
 def signed_digits_package(tmp_path_factory: pytest.TempPathFactory, digits_onnx: Path,
                           keys_dir: Path) -> Package:
-    from compress.examples.digits import LABELS, PREPROCESS
+    from compress.examples.digits import LABELS, preprocess
     from runtime.signing import load_private_key
 
     return write_package(
         tmp_path_factory.mktemp("pkg") / "digits", digits_onnx, name="digits", version="1",
-        labels=LABELS, preprocess={"image": Normalize(**PREPROCESS)}, postprocess="softmax",
+        labels=LABELS, preprocess=preprocess(), postprocess="softmax",
         top_k=3, sign_key=load_private_key(keys_dir / "fleet.key"),
         compression={"quantize": "none"})
 

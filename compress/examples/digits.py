@@ -12,12 +12,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from runtime.processing import Normalize
+
 if TYPE_CHECKING:
     import torch
 
 LABELS = [str(i) for i in range(10)]
 # Pixels are 0..16; the package declares this normalization so sensors send raw values.
-PREPROCESS = {"scale": 1.0 / 16.0, "mean": 0.5, "std": 0.5}
+SCALE, MEAN, STD = 1.0 / 16.0, 0.5, 0.5
+
+
+def preprocess() -> dict[str, Normalize]:
+    """The manifest's `preprocess` for these models: the same normalization `train` applies."""
+    return {"image": Normalize(scale=SCALE, mean=MEAN, std=STD)}
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,7 @@ def build_cnn(width: int = 16, size: int = 8, hidden: int = 0) -> torch.nn.Modul
 
 def normalize(x: np.ndarray) -> np.ndarray:
     """The same normalization the package's manifest declares (for training in torch)."""
-    return ((x * PREPROCESS["scale"] - PREPROCESS["mean"]) / PREPROCESS["std"]).astype(np.float32)
+    return ((x * SCALE - MEAN) / STD).astype(np.float32)
 
 
 def train(model: torch.nn.Module, split: DigitsSplit, *, epochs: int = 8, seed: int = 0,

@@ -127,7 +127,7 @@ def test_missing_manifest_and_missing_directory(tmp_path: Path):
 def test_unknown_format_version_is_refused(digits_package: Path):
     path = digits_package / "manifest.json"
     path.write_text(path.read_text().replace(FORMAT, "edgefleet-model/2"))
-    with pytest.raises(UnsupportedFormatError, match="edgefleet-model/2.*upgrade edgefleet"):
+    with pytest.raises(UnsupportedFormatError, match=r"edgefleet-model/2.*upgrade edgefleet"):
         load_package(digits_package)
 
 
