@@ -113,3 +113,19 @@ def test_metrics_count_requests(digits_package: Path):
     assert snap.p50_ms is not None
     assert snap.p99_ms is not None
     assert 0 < snap.p50_ms <= snap.p99_ms
+
+
+def test_manifest_processing_equals_processing_inside_the_graph(tmp_path: Path, digits_split):
+    """The runtime's numpy normalization + softmax must give what the same ops give in onnxruntime."""
+    from compress.examples import digits
+
+    net = digits.build_cnn(width=4)
+    digits.train(net, digits_split, epochs=1)
+    plain = digits.export_onnx(net, tmp_path / "plain.onnx")
+    embedded = digits.export_onnx(net, tmp_path / "embedded.onnx", embed_processing=True)
+    declared = write_package(tmp_path / "declared", plain, name="d", preprocess=digits.preprocess(),
+                             postprocess="softmax")
+    inside = write_package(tmp_path / "inside", embedded, name="d")
+    x = digits_split.x_test[:32]
+    np.testing.assert_allclose(Model(declared.path).run(x)["logits"],
+                               Model(inside.path).run(x)["logits"], rtol=1e-4, atol=1e-6)
