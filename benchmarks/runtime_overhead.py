@@ -15,6 +15,7 @@ import tempfile
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +76,9 @@ def latency(pkg: Path, sample: np.ndarray, calls: int, rounds: int,
                                 providers=["CPUExecutionProvider"])
     feed = {"image": sample[np.newaxis]}
     config = SessionConfig(threads=THREADS)
-    calls_by_name = {"bare": lambda: bare.run(None, feed),
-                     "runtime": lambda: model.run(sample)}
     model = Model(pkg, config=config)
+    calls_by_name: dict[str, Callable[[], Any]] = {"bare": lambda: bare.run(None, feed),
+                                                   "runtime": lambda: model.run(sample)}
     if declared is not None:
         declared_model = Model(declared, config=config)
         calls_by_name["declared"] = lambda: declared_model.run(sample)
@@ -89,11 +90,17 @@ def latency(pkg: Path, sample: np.ndarray, calls: int, rounds: int,
 
 def throughput(pkg: Path, samples: np.ndarray, seconds: float, producers: int = 64
                ) -> dict[str, float]:
-    """Requests/s completed by `producers` threads each sending single samples back to back."""
+    """Requests/s completed by `producers` threads each sending single samples back to back.
+
+    on: the micro-batcher as configured (max_batch 32, max_delay 2 ms); off: the same batcher
+    with micro-batching switched off (max_batch 1); direct: no batcher, every thread calling
+    Model.run itself (onnxruntime sessions accept concurrent calls).
+    """
     from runtime import MicroBatcher, Model, SessionConfig
 
-    model = Model(pkg, config=SessionConfig(threads=THREADS), warmup_batches=(producers,))
-    batcher = MicroBatcher(model, max_batch=32, max_delay_ms=2)
+    model = Model(pkg, config=SessionConfig(threads=THREADS), warmup_batches=(32,))
+    on = MicroBatcher(model, max_batch=32, max_delay_ms=2)
+    off = MicroBatcher(model, max_batch=1, max_delay_ms=2)
 
     def drive(call: Any) -> float:
         done = [0] * producers
@@ -115,11 +122,14 @@ def throughput(pkg: Path, samples: np.ndarray, seconds: float, producers: int = 
             t.join()
         return sum(done) / seconds
 
-    results = {"off": [], "on": []}  # type: dict[str, list[float]]
+    modes: dict[str, Any] = {"direct": model.run, "off": lambda x: off.run(x, timeout=30),
+                             "on": lambda x: on.run(x, timeout=30)}
+    results: dict[str, list[float]] = {k: [] for k in modes}
     for _ in range(2):  # alternate, as for latency
-        results["off"].append(drive(model.run))
-        results["on"].append(drive(lambda x: batcher.run(x, timeout=30)))
-    batcher.close()
+        for name, call in modes.items():
+            results[name].append(drive(call))
+    on.close()
+    off.close()
     return {k: float(np.median(v)) for k, v in results.items()}
 
 
@@ -173,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         rss = peak_rss_mb(packages["tiny"], built["pub"])
 
     report = Report("runtime_overhead", params={
-        "threads": THREADS, "quick": quick, "processing": "inside the graph (see docstring)", "calls_per_round": calls, "rounds": rounds,
+        "threads": THREADS, "quick": quick, "processing": "inside the graph (see docstring)",
+        "calls_per_round": calls, "rounds": rounds,
         "producers": 64, "max_batch": 32, "max_delay_ms": 2, "throughput_seconds": seconds})
     report.figures = {
         "tiny_accuracy": round(built["accuracy"], 4),
@@ -185,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         "wide_latency_ratio": wide["runtime"] / wide["bare"],
         "throughput_off_rps": tput["off"], "throughput_on_rps": tput["on"],
         "batching_speedup": tput["on"] / tput["off"],
+        "throughput_direct_rps": tput["direct"],
+        "speedup_vs_direct_calls": tput["on"] / tput["direct"],
         "peak_rss_mb": rss["runtime"], "bare_ort_peak_rss_mb": rss["bare"],
     }
     report.targets = [

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -26,9 +26,8 @@ from runtime.model import Model
 from runtime.slot import ModelSlot
 
 
-@dataclass(frozen=True, slots=True)
-class BatchResult:
-    """One request's share of a batch run."""
+class BatchResult(NamedTuple):
+    """One request's share of a batch run (a NamedTuple: one is built per request)."""
 
     outputs: dict[str, np.ndarray]
     model: Model
@@ -239,17 +238,21 @@ class MicroBatcher:
                     self._run_group([req])
             return
         done = time.perf_counter()
-        offset, spent, size = 0, done - started, len(group)
-        record = model.metrics.record
+        spent, size = done - started, len(group)
+        model.metrics.record_many([done - req.enqueued for req in group])
+        if size == 1:
+            req = group[0]
+            part = {k: v[0] for k, v in outputs.items()} if req.squeeze else outputs
+            req.pending._finish(BatchResult(part, model, started - req.enqueued, spent, 1), None)
+            return
+        names, values = list(outputs), list(outputs.values())
+        offset = 0
         for req in group:
-            if size == 1:
-                part = outputs
+            if req.squeeze:  # one sample without its batch axis: row `offset` of each output
+                part = dict(zip(names, [v[offset] for v in values], strict=True))
             else:
-                part = {k: v[offset:offset + req.rows] for k, v in outputs.items()}
-                offset += req.rows
-            if req.squeeze:
-                part = {k: v[0] for k, v in part.items()}
-            record(done - req.enqueued)
+                part = dict(zip(names, [v[offset:offset + req.rows] for v in values], strict=True))
+            offset += req.rows
             req.pending._finish(BatchResult(part, model, started - req.enqueued, spent, size),
                                 None)
 
@@ -271,6 +274,8 @@ def _signature(req: _Request) -> tuple[int, object]:
     """Requests can share a run when they go to the same model with the same sample shape."""
     if not req.model.batchable:
         return id(req.model), id(req)  # runs alone
+    if len(req.arrays) == 1:
+        return id(req.model), next(iter(req.arrays.values())).shape[1:]
     return id(req.model), tuple((k, v.shape[1:]) for k, v in req.arrays.items())
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import deque
 from dataclasses import dataclass
 
 _MIN_S = 1e-6
@@ -31,6 +32,12 @@ class MetricsSnapshot:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in vars(self).items()}
 
 
+def _bucket(seconds: float) -> int:
+    if seconds <= _MIN_S:
+        return 0
+    return min(_BUCKETS - 1, 1 + int(math.log(seconds / _MIN_S) / _LOG_GROWTH))
+
+
 class LatencyHistogram:
     """Thread-safe histogram of durations in seconds."""
 
@@ -42,14 +49,24 @@ class LatencyHistogram:
         self._max = 0.0
 
     def observe(self, seconds: float) -> None:
-        idx = 0 if seconds <= _MIN_S else min(
-            _BUCKETS - 1, 1 + int(math.log(seconds / _MIN_S) / _LOG_GROWTH))
+        idx = _bucket(seconds)
         with self._lock:
             self._counts[idx] += 1
             self._n += 1
             self._sum += seconds
             if seconds > self._max:
                 self._max = seconds
+
+    def observe_many(self, values: list[float]) -> None:
+        """Several observations under one lock (the batcher records a batch at a time)."""
+        idxs = [_bucket(v) for v in values]
+        with self._lock:
+            counts = self._counts
+            for idx in idxs:
+                counts[idx] += 1
+            self._n += len(values)
+            self._sum += sum(values)
+            self._max = max(self._max, *values) if values else self._max
 
     @property
     def count(self) -> int:
@@ -81,21 +98,45 @@ class LatencyHistogram:
 
 
 class Metrics:
-    """Request count, error count and latency of one model or one agent."""
+    """Request count, error count and latency of one model or one agent.
+
+    `record` only appends to a deque (atomic, a fraction of a microsecond); the histogram takes
+    what is there in bulk every few hundred requests and whenever it is read.
+    """
+
+    _FLUSH_AT = 256
 
     def __init__(self) -> None:
         self.latency = LatencyHistogram()
         self._errors = 0
         self._lock = threading.Lock()
+        self._recent: deque[float] = deque()
 
     def record(self, seconds: float) -> None:
-        self.latency.observe(seconds)
+        self._recent.append(seconds)
+        if len(self._recent) >= self._FLUSH_AT:
+            self._flush()
+
+    def record_many(self, seconds: list[float]) -> None:
+        self._recent.extend(seconds)
+        if len(self._recent) >= self._FLUSH_AT:
+            self._flush()
+
+    def _flush(self) -> None:
+        # popleft, not a swap of lists: an append racing with the flush is never lost
+        recent, taken = self._recent, []
+        with self._lock:
+            for _ in range(len(recent)):
+                taken.append(recent.popleft())
+        if taken:
+            self.latency.observe_many(taken)
 
     def record_error(self) -> None:
         with self._lock:
             self._errors += 1
 
     def snapshot(self) -> MetricsSnapshot:
+        self._flush()
         n, p50, p95, p99, mean, mx = self.latency.stats()
 
         def ms(v: float | None) -> float | None:

@@ -143,5 +143,6 @@ def _normalize_layer() -> torch.nn.Module:
     layer = torch.nn.Conv2d(1, 1, kernel_size=1)
     with torch.no_grad():
         layer.weight.fill_(SCALE / STD)
+        assert layer.bias is not None
         layer.bias.fill_(-MEAN / STD)
     return layer

@@ -53,3 +53,19 @@ def test_concurrent_observations_are_all_counted():
     for t in threads:
         t.join()
     assert hist.count == 40_000
+
+
+def test_metrics_from_many_threads_lose_nothing():
+    metrics = Metrics()
+
+    def work() -> None:
+        for i in range(3000):
+            metrics.record(0.001 + i * 1e-7)
+        metrics.record_many([0.002] * 100)
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert metrics.snapshot().count == 6 * 3100
