@@ -40,6 +40,7 @@ class SessionConfig:
     """How onnxruntime may use the box: the agent's `[runtime]` config maps onto this."""
 
     threads: int = 2
+    #: let pool threads spin between operators inside a run (never between runs)
     spinning: bool = False
     memory_arena: bool = True
     optimization: Optimization = "all"
@@ -57,6 +58,8 @@ class SessionConfig:
         spin = "1" if self.spinning else "0"
         so.add_session_config_entry("session.intra_op.allow_spinning", spin)
         so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        # Even with spinning allowed, stop it when a run returns: idle threads never burn CPU.
+        so.add_session_config_entry("session.force_spinning_stop", "1")
         return so
 
 

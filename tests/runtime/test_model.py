@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import msgspec
@@ -129,3 +130,20 @@ def test_manifest_processing_equals_processing_inside_the_graph(tmp_path: Path, 
     x = digits_split.x_test[:32]
     np.testing.assert_allclose(Model(declared.path).run(x)["logits"],
                                Model(inside.path).run(x)["logits"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("spinning", [False, True])
+def test_idle_model_burns_no_cpu(tmp_path: Path, spinning: bool):
+    """On a small box, threads must not spin between requests (measured as process CPU time)."""
+    import torch
+
+    from compress.examples import digits
+
+    torch.manual_seed(0)
+    wide = digits.export_onnx(digits.build_cnn(width=32, size=16), tmp_path / "w.onnx", size=16)
+    model = Model(wide, config=SessionConfig(threads=2, spinning=spinning, auto_threads=False))
+    for _ in range(20):
+        model.run(np.zeros((1, 16, 16), np.float32))
+    before = time.process_time()
+    time.sleep(0.5)
+    assert time.process_time() - before < 0.02
