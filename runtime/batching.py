@@ -132,7 +132,11 @@ class MicroBatcher:
     def submit(self, inputs: Mapping[str, Any] | Any) -> Pending:
         """Queue one request; its Pending holds a BatchResult or the request's own error."""
         pending = Pending()
-        model = self.slot.current  # the request is bound to the model active now
+        try:
+            model = self.slot.current  # the request is bound to the model active now
+        except EdgefleetError as exc:
+            pending._finish(None, exc)
+            return pending
         try:
             checked = model.check(inputs, finite=False)
         except EdgefleetError as exc:
@@ -195,7 +199,7 @@ class MicroBatcher:
                 self._worker_waiting = True
                 self._cond.wait(remaining)
                 self._worker_waiting = False
-            batch, rows = [items.popleft()], 0
+            batch = [items.popleft()]
             rows = batch[0].rows
             while items and rows + items[0].rows <= self.max_batch:
                 req = items.popleft()

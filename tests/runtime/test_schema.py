@@ -100,11 +100,23 @@ def test_spec_from_onnxruntime_names_anonymous_dims():
         TensorSpec.from_ort("s", "tensor(string)", [1])
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in dot")  # pytest resets our filter
 def test_huge_but_finite_values_pass_the_finite_check():
     # squares overflow float32 here: the cheap check is inconclusive and the exact one decides
     out = checker().check({"image": np.full((1, 8, 8), 1e30, np.float32)})
     assert out.arrays["image"].max() == np.float32(1e30)
+    x = np.full((1, 8, 8), 1e30, np.float32)
+    x[0, 3, 3] = np.inf
     with pytest.raises(InputError, match="1 value"):
-        x = np.full((1, 8, 8), 1e30, np.float32)
-        x[0, 3, 3] = np.inf
         checker().check({"image": x})
+
+
+def test_huge_values_print_no_warning_in_a_plain_process():
+    import subprocess
+    import sys
+
+    code = ("import numpy as np\nfrom runtime.schema import InputChecker, TensorSpec\n"
+            "c = InputChecker([TensorSpec(name='x', dtype='float32', shape=['N', 4])])\n"
+            "c.check({'x': np.full((1, 4), 1e30, np.float32)})\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stderr == ""

@@ -79,3 +79,10 @@ def test_empty_slot_says_so():
     assert slot.empty
     with pytest.raises(EmptySlotError, match="no model is active"):
         _ = slot.current
+
+
+def test_batcher_on_an_empty_slot_fails_the_request_not_the_caller():
+    batcher = MicroBatcher(ModelSlot(), max_batch=4)
+    with pytest.raises(EmptySlotError):
+        batcher.submit(np.zeros((1, 8, 8))).result(1)
+    batcher.close()
