@@ -85,7 +85,9 @@ def latency(pkg: Path, sample: np.ndarray, calls: int, rounds: int,
     for fn in calls_by_name.values():
         for _ in range(20):
             fn()
-    return interleaved_medians(calls_by_name, calls, rounds)
+    medians = interleaved_medians(calls_by_name, calls, rounds)
+    medians["threads_chosen"] = model.threads  # the runtime may keep fewer than THREADS
+    return medians
 
 
 def throughput(pkg: Path, samples: np.ndarray, seconds: float, producers: int = 64
@@ -190,10 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         "tiny_accuracy": round(built["accuracy"], 4),
         "tiny_bare_ms": tiny["bare"] * 1e3, "tiny_runtime_ms": tiny["runtime"] * 1e3,
         "tiny_latency_ratio": tiny["runtime"] / tiny["bare"],
+        "tiny_runtime_threads": int(tiny["threads_chosen"]),
         "tiny_manifest_processing_ms": tiny["declared"] * 1e3,
         "tiny_manifest_processing_ratio": tiny["declared"] / tiny["bare"],
         "wide_bare_ms": wide["bare"] * 1e3, "wide_runtime_ms": wide["runtime"] * 1e3,
         "wide_latency_ratio": wide["runtime"] / wide["bare"],
+        "wide_runtime_threads": int(wide["threads_chosen"]),
         "throughput_off_rps": tput["off"], "throughput_on_rps": tput["on"],
         "batching_speedup": tput["on"] / tput["off"],
         "throughput_direct_rps": tput["direct"],
