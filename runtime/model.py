@@ -110,6 +110,10 @@ class Model:
         self._checker = InputChecker(self.inputs)
         # Requests can be concatenated only when every input and output has a batch axis.
         self.batchable = all(s.batch_dynamic for s in (*self.inputs, *self.outputs))
+        #: every accepted sample has the same shape (all dimensions but the batch are fixed), so
+        #: any requests for this model can be concatenated without comparing shapes
+        self.uniform_samples = self.batchable and all(
+            isinstance(d, int) for s in self.inputs for d in s.shape[1:])
         self._pre = Preprocessor(manifest.preprocess if manifest else None,
                                  {s.name: len(s.shape) for s in self.inputs})
         self.metrics = Metrics()

@@ -67,7 +67,7 @@ class PoisonModel:
     """A fake model whose run fails when any row holds the value 13: a failure only
     onnxruntime would notice, so the batcher must find the culprit among batch-mates."""
 
-    name, version, batchable = "poison", "1", True
+    name, version, batchable, uniform_samples = "poison", "1", True, True
 
     def __init__(self) -> None:
         self.metrics = Metrics()
@@ -146,3 +146,21 @@ def test_close_finishes_queued_requests_then_refuses_new_ones(digits_model: Mode
     assert all(f.result(0).outputs["logits"].shape == (10,) for f in futures)
     with pytest.raises(ClosedError):
         batcher.submit(digits_split.x_test[0]).result(1)
+
+
+class BrokenModel(PoisonModel):
+    """A model object that breaks the batcher's own bookkeeping (no uniform_samples)."""
+
+    def __getattribute__(self, name: str):  # type: ignore[no-untyped-def]
+        if name == "uniform_samples":
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+
+def test_worker_survives_its_own_failures():
+    batcher = MicroBatcher(BrokenModel(), max_batch=4, max_delay_ms=1)  # type: ignore[arg-type]
+    with pytest.raises(InferenceError, match="batch failed"):
+        batcher.run([1.0, 2.0], timeout=5)
+    with pytest.raises(InferenceError, match="batch failed"):
+        batcher.run([1.0, 2.0], timeout=5)  # the worker is still there to answer
+    batcher.close(timeout=5)
