@@ -124,7 +124,8 @@ class MicroBatcher:
         self.max_queue = max_queue
         self._items: deque[_Request] = deque()
         self._queued_rows = 0
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()  # entered directly on the hot path (Condition's is Python)
+        self._cond = threading.Condition(self._lock)
         self._wake_at: int | None = None  # rows queued at which a waiting worker wants a notify
         self._closed = False
         self._worker = threading.Thread(target=self._loop, name="edgefleet-batcher", daemon=True)
@@ -146,7 +147,7 @@ class MicroBatcher:
             return pending
         req = _Request(model, checked.arrays, checked.batch, checked.added_batch,
                        time.perf_counter(), pending)
-        with self._cond:
+        with self._lock:
             if self._closed:
                 error: EdgefleetError | None = ClosedError("the batcher is closed")
             elif len(self._items) >= self.max_queue:
@@ -256,8 +257,11 @@ class MicroBatcher:
             return
         names, values = list(outputs), list(outputs.values())
         offset = 0
+        only = names[0] if len(names) == 1 else None
         for req in group:
-            if req.squeeze:  # one sample without its batch axis: row `offset` of each output
+            if req.squeeze and only is not None:  # the common case: one sample, one output
+                part = {only: values[0][offset]}
+            elif req.squeeze:  # one sample without its batch axis: row `offset` of each output
                 part = dict(zip(names, [v[offset] for v in values], strict=True))
             else:
                 part = dict(zip(names, [v[offset:offset + req.rows] for v in values], strict=True))

@@ -116,6 +116,7 @@ class InputChecker:
             for s in self.specs
         }
         self._single = self.specs[0].name if len(self.specs) == 1 else None
+        self._single_plan = self._plans[self.specs[0].name]
 
     def check(self, inputs: Mapping[str, Any] | Any, *, finite: bool = True) -> CheckedInputs:
         """Return arrays keyed by input name, or raise InputError naming the first problem.
@@ -125,8 +126,15 @@ class InputChecker:
         """
         single = self._single
         if single is not None:  # the common case, without the bookkeeping below
+            plan = self._single_plan
+            if type(inputs) is np.ndarray and inputs.dtype is plan.dtype \
+                    and inputs.ndim == plan.rank - 1 and plan.sample_shape is not None \
+                    and inputs.shape == plan.sample_shape:
+                # the hottest case of all: one sample of exactly the right dtype and shape
+                if finite and plan.is_float and not _all_finite(inputs):
+                    raise self._non_finite_error(single, inputs)
+                return CheckedInputs({single: inputs[np.newaxis]}, 1, True)
             value = inputs if type(inputs) is np.ndarray else self._as_mapping(inputs)[single]
-            plan = self._plans[single]
             arr, added = self._check_one(plan, value, finite)
             return CheckedInputs({single: arr}, arr.shape[0] if plan.batch_dynamic else 1, added)
         feeds = self._as_mapping(inputs)

@@ -45,6 +45,7 @@ def test_json_lists_become_float32():
     (np.zeros((8, 8), np.float32), r"input 'image': expected rank 4"),
     (np.zeros((2, 2, 1, 8, 8), np.float32), r"expected rank 4 .*got shape \[2, 2, 1, 8, 8\]"),
     (np.full((1, 8, 8), np.nan, np.float32), r"input 'image': 64 value\(s\) are NaN or infinite"),
+    (np.full((1, 8, 8), np.nan), r"input 'image': 64 value\(s\) are NaN or infinite"),
     (np.array([[[np.inf] * 8] * 8]), r"1?\d* ?value\(s\) are NaN or infinite"),
     ([[1, 2], [3]], r"input 'image': .*(rectangular|ragged)"),
     ([["a"] * 8] * 8, r"input 'image': expected numbers \(float32\)"),
