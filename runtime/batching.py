@@ -89,6 +89,9 @@ class Pending:
 
     def _finish(self, result: BatchResult | None, error: BaseException | None) -> None:
         self._result, self._error = result, error
+        self._wake()
+
+    def _wake(self) -> None:
         self._latch.release()
         callbacks, self._callbacks = self._callbacks, None
         for fn in callbacks or ():
@@ -127,6 +130,8 @@ class MicroBatcher:
         self._lock = threading.Lock()  # entered directly on the hot path (Condition's is Python)
         self._cond = threading.Condition(self._lock)
         self._wake_at: int | None = None  # rows queued at which a waiting worker wants a notify
+        self._ready: list[Pending] = []  # results set, waiters not yet woken (see _wake_ready)
+        self._ran = False
         self._closed = False
         self._worker = threading.Thread(target=self._loop, name="edgefleet-batcher", daemon=True)
         self._worker.start()
@@ -184,8 +189,24 @@ class MicroBatcher:
         while True:
             batch = self._collect()
             if not batch:
+                self._wake_ready()
                 return
             self._process(batch)
+
+    def _done(self, pending: Pending, result: BatchResult) -> None:
+        pending._result = result
+        self._ready.append(pending)
+
+    def _wake_ready(self) -> None:
+        """Wake the callers whose results are ready.
+
+        Called just before the worker lets go of the GIL for a while (onnxruntime, or waiting for
+        requests), not as each result is set: a caller woken while the worker still holds the GIL
+        only goes back to sleep waiting for it, one more thread switch per request.
+        """
+        ready, self._ready = self._ready, []
+        for pending in ready:
+            pending._wake()
 
     def _collect(self) -> list[_Request]:
         """Wait for a first request, then for more until max_batch rows or its deadline."""
@@ -195,6 +216,7 @@ class MicroBatcher:
                 if self._closed:
                     return []
                 self._wake_at = 1
+                self._wake_ready()
                 self._cond.wait()
             deadline = items[0].enqueued + self.max_delay_s
             while not self._closed and self._queued_rows < self.max_batch:
@@ -202,6 +224,7 @@ class MicroBatcher:
                 if remaining <= 0:
                     break
                 self._wake_at = self.max_batch
+                self._wake_ready()
                 self._cond.wait(remaining)
             self._wake_at = None
             batch = [items.popleft()]
@@ -214,6 +237,7 @@ class MicroBatcher:
         return batch
 
     def _process(self, batch: list[_Request]) -> None:
+        self._ran = False
         try:
             groups = _groups(batch)
         except Exception as exc:  # never let the worker die: fail this batch, serve the next
@@ -224,6 +248,8 @@ class MicroBatcher:
                 self._run_group(group)
             except Exception as exc:
                 _fail_all(group, exc)
+        if not self._ran:  # no onnxruntime call woke the waiters of earlier batches: do it now
+            self._wake_ready()
 
     def _run_group(self, group: list[_Request]) -> None:
         model = group[0].model
@@ -239,6 +265,8 @@ class MicroBatcher:
             return
         started = time.perf_counter()
         try:
+            self._wake_ready()
+            self._ran = True
             outputs = model.run_checked(arrays)
         except InferenceError as exc:
             if len(group) == 1:
@@ -253,7 +281,7 @@ class MicroBatcher:
         if size == 1:
             req = group[0]
             part = {k: v[0] for k, v in outputs.items()} if req.squeeze else outputs
-            req.pending._finish(BatchResult(part, model, started - req.enqueued, spent, 1), None)
+            self._done(req.pending, BatchResult(part, model, started - req.enqueued, spent, 1))
             return
         names, values = list(outputs), list(outputs.values())
         offset = 0
@@ -266,8 +294,7 @@ class MicroBatcher:
             else:
                 part = dict(zip(names, [v[offset:offset + req.rows] for v in values], strict=True))
             offset += req.rows
-            req.pending._finish(BatchResult(part, model, started - req.enqueued, spent, size),
-                                None)
+            self._done(req.pending, BatchResult(part, model, started - req.enqueued, spent, size))
 
     @staticmethod
     def _fail_non_finite(model: Model, group: list[_Request]) -> list[_Request]:
