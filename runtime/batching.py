@@ -43,7 +43,7 @@ class Pending:
     the batcher creates one per request. Callbacks run on the batcher's thread and must be quick.
     """
 
-    __slots__ = ("_callbacks", "_error", "_latch", "_result")
+    __slots__ = ("_callbacks", "_error", "_latch", "_result", "_woken")
 
     def __init__(self) -> None:
         self._latch = threading.Lock()
@@ -51,6 +51,7 @@ class Pending:
         self._result: BatchResult | None = None
         self._error: BaseException | None = None
         self._callbacks: list[Callable[[Pending], None]] | None = None
+        self._woken = False
 
     def done(self) -> bool:
         return self._result is not None or self._error is not None
@@ -71,31 +72,34 @@ class Pending:
             self.result(timeout)
         except TimeoutError:
             raise
-        except BaseException as exc:
+        except BaseException as exc:  # handing the error back is the point
             return exc
         return None
 
     def add_done_callback(self, fn: Callable[[Pending], None]) -> None:
-        """Call fn(self) when done (at once, on this thread, if it already is)."""
-        if self.done():
-            fn(self)
-            return
-        if self._callbacks is None:
-            self._callbacks = []
-        self._callbacks.append(fn)
-        if self.done() and fn in self._callbacks:  # finished while we were adding
-            self._callbacks.remove(fn)
-            fn(self)
+        """Call fn(self) once done: on the batcher's thread, or at once here if already done."""
+        with _CALLBACK_LOCK:
+            if not self._woken:
+                if self._callbacks is None:
+                    self._callbacks = []
+                self._callbacks.append(fn)
+                return
+        fn(self)
 
     def _finish(self, result: BatchResult | None, error: BaseException | None) -> None:
         self._result, self._error = result, error
         self._wake()
 
     def _wake(self) -> None:
+        with _CALLBACK_LOCK:
+            self._woken = True
+            callbacks, self._callbacks = self._callbacks, None
         self._latch.release()
-        callbacks, self._callbacks = self._callbacks, None
         for fn in callbacks or ():
             fn(self)
+
+
+_CALLBACK_LOCK = threading.Lock()  # registration vs completion of callbacks; held for nanoseconds
 
 
 @dataclass(slots=True)

@@ -164,3 +164,21 @@ def test_worker_survives_its_own_failures():
     with pytest.raises(InferenceError, match="batch failed"):
         batcher.run([1.0, 2.0], timeout=5)  # the worker is still there to answer
     batcher.close(timeout=5)
+
+
+def test_done_callbacks_run_once_each(digits_model: Model, digits_split):
+    batcher = MicroBatcher(digits_model, max_batch=8, max_delay_ms=5)
+    calls: list[str] = []
+    lock = threading.Lock()
+    pendings = [batcher.submit(x) for x in digits_split.x_test[:40]]
+    for p in pendings:  # some register before, some after their result is in
+        p.add_done_callback(lambda done: (lock.acquire(), calls.append(done.result().model.version),
+                                          lock.release()))
+    for p in pendings:
+        p.result(5)
+    batcher.close()
+    time.sleep(0.05)
+    assert len(calls) == 40
+    late: list[bool] = []
+    pendings[0].add_done_callback(lambda done: late.append(done.done()))
+    assert late == [True]  # already done: called at once, here
