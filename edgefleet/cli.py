@@ -17,6 +17,7 @@ from edgefleet import __version__
 
 # name -> (module:attribute, one-line help shown by `edgefleet --help` without importing it)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "compress": ("compress.cli:compress", "Compress a model into a signed, measured package."),
     "keys": ("runtime.cli:keys", "Generate the fleet's Ed25519 signing key pair."),
     "package": ("runtime.cli:package", "Inspect and verify model packages."),
     "demo": ("edgefleet.demo:demo", "Run the whole system end to end on this machine."),

@@ -1,0 +1,289 @@
+"""The compression pipeline: source -> ONNX -> baseline -> candidates -> measured choice -> package.
+
+It only sequences passes and measurements; each pass lives in compress/passes/. `auto` builds
+the candidates that fit the model, measures quality and latency here, falls back sensitive
+nodes to float when a candidate misses the tolerance, and keeps the fastest candidate that is
+within tolerance and not slower than the float baseline (which always qualifies).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compress.candidates import Candidate
+from compress.data import Dataset, load_npz
+from compress.errors import CompressError, DataError, ToleranceError
+from compress.evaluate import calls_for, file_sizes, latencies, outputs, quality
+from compress.fallback import fall_back_until_within
+from compress.passes.export import Exported, copy_onnx, export_torch, load_torch_source
+from compress.passes.fp16 import Float16
+from compress.passes.optimize import PreProcess
+from compress.passes.quantize_dynamic import DynamicQuantize
+from compress.passes.quantize_static import StaticQuantize
+from compress.progress import Quiet, Reporter
+from compress.recipe import Metric, Recipe
+from runtime.package import Package
+from runtime.schema import TensorSpec
+
+
+@dataclass
+class Result:
+    package: Package
+    baseline: Candidate
+    chosen: Candidate
+    candidates: list[Candidate]
+    reason: str
+    export: Exported
+    metric: Metric
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class _Context:
+    recipe: Recipe
+    work: Path
+    specs: list[TensorSpec]
+    eval_data: Dataset
+    calibration: Dataset | None
+    metric: Metric
+    reporter: Reporter
+    notes: list[str]
+    baseline_out: np.ndarray | None = None
+    baseline_value: float | None = None
+
+
+def run(recipe: Recipe, reporter: Reporter | None = None) -> Result:
+    """Compress `recipe.source` into the package directory `recipe.output`."""
+    from runtime.model import read_io_specs
+
+    reporter = reporter or Quiet()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="edgefleet-compress-") as tmp:
+        work = Path(tmp)
+        reporter.stage("exporting")
+        exported, pruned = _source_to_onnx(recipe, work, reporter)
+        specs, _ = read_io_specs(exported.path)
+        reporter.stage("optimizing the float graph (shape inference, fusions)")
+        baseline = Candidate("fp32", PreProcess().run(exported.path, work / "fp32.onnx"),
+                             steps=[PreProcess().describe()])
+        ctx = _context(recipe, work, specs, reporter)
+        candidates = [baseline]
+        quant_base = baseline
+        if pruned is not None:
+            name = f"{recipe.prune_method}{round(recipe.prune * 100)}-fp32"
+            quant_base = Candidate(name, PreProcess().run(pruned.path, work / f"{name}.onnx"),
+                                   steps=[pruned_step(recipe, pruned), PreProcess().describe()])
+            candidates.append(quant_base)
+        candidates += _build_candidates(ctx, quant_base)
+        _measure(ctx, candidates)
+        candidates = _apply_fallback(ctx, baseline, candidates)
+        chosen, reason = _choose(ctx, baseline, candidates)
+        reporter.stage("writing the package")
+        from compress.writer import write
+
+        package = write(recipe, chosen, baseline, candidates, reason, exported, ctx)
+        seconds = time.perf_counter() - started
+        result = Result(package, baseline, chosen, candidates, reason, exported, ctx.metric,
+                        ctx.notes, seconds)
+        from compress.report import write_reports
+
+        write_reports(result, recipe)
+    return result
+
+
+def _source_to_onnx(recipe: Recipe, work: Path, reporter: Reporter
+                    ) -> tuple[Exported, Exported | None]:
+    """The float model as given, and (when pruning) the pruned one, both as verified ONNX."""
+    out = work / "exported.onnx"
+    if recipe.source.endswith(".onnx"):
+        if recipe.prune:
+            raise CompressError("pruning works on PyTorch sources (a .pt/.ts file or "
+                                "module:factory); this source is already ONNX")
+        return copy_onnx(Path(recipe.source), out), None
+    if not recipe.input_shapes:
+        raise CompressError("a PyTorch source needs --input-shape (e.g. --input-shape 1x3x32x32)")
+    module = load_torch_source(recipe.source, recipe.weights)
+    exported = export_torch(module, recipe.input_shapes, out, recipe.opset)
+    if not recipe.prune:
+        return exported, None
+    import copy
+
+    from compress.passes.prune import prune
+
+    pruned = prune(copy.deepcopy(module), recipe, reporter)
+    reporter.stage("exporting the pruned model")
+    return exported, export_torch(pruned, recipe.input_shapes, work / "pruned.onnx", recipe.opset)
+
+
+def pruned_step(recipe: Recipe, pruned: Exported) -> dict[str, Any]:
+    from compress.passes.prune import parameter_count, sparsity
+
+    assert pruned.module is not None
+    return {"pass": f"prune-{recipe.prune_method}", "ratio": recipe.prune,
+            "parameters": parameter_count(pruned.module),
+            "sparsity": round(sparsity(pruned.module), 4),
+            "finetune": {"data": str(recipe.finetune), "epochs": recipe.finetune_epochs}
+            if recipe.finetune else None}
+
+
+def _context(recipe: Recipe, work: Path, specs: list[TensorSpec], reporter: Reporter) -> _Context:
+    notes: list[str] = []
+    eval_data = load_npz(recipe.eval, specs, role="eval") if recipe.eval else None
+    calibration = load_npz(recipe.calibration, specs, role="calibration") \
+        if recipe.calibration else None
+    if calibration is None and eval_data is not None and recipe.quantize in ("auto", "static"):
+        calibration = eval_data
+        notes.append("calibrated on the eval data (no --calibration given)")
+    if eval_data is None:
+        eval_data = calibration or _synthetic(specs)
+        notes.append("quality measured against the float model on "
+                     f"{'the calibration data' if calibration else 'synthetic random inputs'}"
+                     " (no --eval given)")
+    metric = recipe.metric or ("accuracy" if eval_data.labels is not None else "cosine")
+    if metric == "accuracy" and eval_data.labels is None:
+        raise DataError(f"--metric accuracy needs a `labels` array in the eval data {recipe.eval}")
+    return _Context(recipe, work, specs, eval_data, calibration, metric, reporter, notes)
+
+
+def _synthetic(specs: list[TensorSpec], n: int = 64) -> Dataset:
+    rng = np.random.default_rng(0)
+    inputs = {}
+    for spec in specs:
+        shape = [n] + [d if isinstance(d, int) else 1 for d in spec.shape[1:]]
+        inputs[spec.name] = rng.standard_normal(shape).astype(spec.dtype) \
+            if np.dtype(spec.dtype).kind == "f" else np.zeros(shape, spec.dtype)
+    return Dataset(inputs=inputs, labels=None, source="synthetic")
+
+
+def op_counts(path: Path) -> dict[str, int]:
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def _build_candidates(ctx: _Context, baseline: Candidate) -> list[Candidate]:
+    """Quantized variants of `baseline` (the float model, or the pruned float model)."""
+    recipe, work = ctx.recipe, ctx.work
+    ops = op_counts(baseline.path)
+    matmuls = ops.get("MatMul", 0) + ops.get("Gemm", 0)
+    convs = ops.get("Conv", 0)
+    plans: list[tuple[str, Any]] = []
+    mode = recipe.quantize
+    if mode == "dynamic" or (mode == "auto" and matmuls and matmuls >= convs):
+        plans.append((f"dynamic-int8-{'pc' if recipe.per_channel else 'pt'}",
+                      DynamicQuantize(per_channel=recipe.per_channel)))
+    if mode in ("static", "auto"):
+        if ctx.calibration is None:
+            if mode == "static":
+                raise DataError("static quantization needs calibration data: give --calibration "
+                                "DATA.npz (or --eval)")
+            ctx.notes.append("static INT8 skipped: no calibration data")
+        else:
+            granularities = [recipe.per_channel] if mode == "static" else [True, False]
+            for per_channel in granularities:
+                plans.append((f"static-int8-{'pc' if per_channel else 'pt'}",
+                              StaticQuantize(ctx.calibration, per_channel=per_channel,
+                                             method=recipe.calibration_method)))
+    if mode == "fp16" or (mode == "auto" and not convs and not matmuls):
+        plans.append(("fp16", Float16()))
+    built = []
+    for name, step in plans:
+        ctx.reporter.stage(f"building {name}" + (" (calibrating)" if "static" in name else ""))
+        prefix = "" if baseline.name == "fp32" else baseline.name.removesuffix("-fp32") + "+"
+        built.append(Candidate(prefix + name, step.run(baseline.path, work / f"{prefix}{name}.onnx"),
+                               steps=[*baseline.steps, step.describe()], origin=baseline.path))
+    return built
+
+
+def _measure(ctx: _Context, candidates: list[Candidate]) -> None:
+    """Size, quality against the baseline (first in the list) and side-by-side latency."""
+    reporter, data = ctx.reporter, ctx.eval_data
+    reporter.start("evaluating", len(candidates))
+    for cand in candidates:
+        cand.size, cand.transfer_size = file_sizes(cand.path)
+        out = outputs(cand.path, data, ctx.recipe.threads)
+        if ctx.baseline_out is None:
+            ctx.baseline_out = out
+        cand.quality = quality(ctx.metric, out, ctx.baseline_out, data.labels, ctx.baseline_value)
+        if ctx.baseline_value is None:
+            ctx.baseline_value = cand.quality.value
+        reporter.advance("evaluating")
+    reporter.finish("evaluating")
+    measure_latency(ctx, candidates)
+
+
+def measure_latency(ctx: _Context, candidates: list[Candidate]) -> None:
+    sample = ctx.eval_data.batch(0, 1)
+    rounds = 5
+    first = latencies({"probe": candidates[0].path}, sample, ctx.recipe.threads, calls=5, rounds=1)
+    calls = calls_for(first["probe"])
+    ctx.reporter.start("timing", rounds)
+    medians = latencies({c.name: c.path for c in candidates}, sample, ctx.recipe.threads,
+                        calls=calls, rounds=rounds,
+                        on_round=lambda: ctx.reporter.advance("timing"))
+    ctx.reporter.finish("timing")
+    for cand in candidates:
+        cand.latency_ms = medians[cand.name]
+
+
+def _apply_fallback(ctx: _Context, baseline: Candidate, candidates: list[Candidate]
+                    ) -> list[Candidate]:
+    tol = ctx.recipe.tolerance
+    extra = []
+    for cand in candidates[1:]:
+        if cand.within(tol) or cand.origin is None or cand.name.endswith("fp16"):
+            continue
+        fixed = fall_back_until_within(ctx, baseline, cand)
+        if fixed is not None:
+            extra.append(fixed)
+    if extra:
+        measure_latency(ctx, [baseline, *candidates[1:], *extra])
+    return [*candidates, *extra]
+
+
+def _choose(ctx: _Context, baseline: Candidate, candidates: list[Candidate]
+            ) -> tuple[Candidate, str]:
+    tol, mode = ctx.recipe.tolerance, ctx.recipe.quantize
+    if mode == "none":
+        return baseline, "no quantization asked for: the optimized float model"
+    compressed = candidates[1:]
+    if mode != "auto" and not any(c.origin for c in compressed):  # pruning only, in float
+        best = compressed[0]
+        return best, f"{best.name}: pruned, no quantization asked for"
+    if mode != "auto":
+        compressed = [c for c in compressed if c.origin is not None]
+        within = [c for c in compressed if c.within(tol)]
+        if not within:
+            worst = min(compressed, key=lambda c: c.quality.loss if c.quality else 1e9)
+            loss = worst.quality.loss if worst.quality else float("nan")
+            raise ToleranceError(f"--quantize {mode} loses {loss:.4f} {ctx.metric} against the "
+                                 f"float model, over the tolerance {tol} even with sensitive "
+                                 "nodes in float; raise --tolerance or use --quantize auto")
+        best = min(within, key=lambda c: c.latency_ms)
+        return best, f"--quantize {mode}: {best.name}, within tolerance"
+    fit = [c for c in compressed if c.within(tol) and c.latency_ms <= baseline.latency_ms]
+    if not fit:
+        ctx.notes.append("no compressed candidate was both within tolerance and faster: "
+                         "shipping the optimized float model")
+        return baseline, ("no compressed candidate was within tolerance and not slower than "
+                          "the float model; the optimized float model ships")
+    best = min(fit, key=lambda c: (c.latency_ms, c.size))
+    speed = baseline.latency_ms / best.latency_ms
+    return best, (f"fastest candidate within tolerance {tol}: {speed:.2f}x the float model's "
+                  f"speed, {baseline.size / best.size:.1f}x smaller")
+
+
+def copy_chosen(chosen: Candidate, dst: Path) -> Path:
+    shutil.copyfile(chosen.path, dst)
+    return dst
