@@ -19,7 +19,7 @@ import numpy as np
 
 from compress.candidates import Candidate
 from compress.data import Dataset, load_npz
-from compress.errors import CompressError, DataError, ToleranceError
+from compress.errors import CompressError, DataError, QuantizationError, ToleranceError
 from compress.evaluate import calls_for, file_sizes, latencies, outputs, quality
 from compress.fallback import fall_back_until_within
 from compress.passes.export import Exported, copy_onnx, export_torch, load_torch_source
@@ -164,11 +164,19 @@ def _synthetic(specs: list[TensorSpec], n: int = 64) -> Dataset:
 
 
 def op_counts(path: Path) -> dict[str, int]:
+    """Operator counts, subgraphs (If/Loop bodies) included."""
     import onnx
 
     counts: dict[str, int] = {}
-    for node in onnx.load(str(path), load_external_data=False).graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+
+    def walk(graph: Any) -> None:
+        for node in graph.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    walk(attr.g)
+
+    walk(onnx.load(str(path), load_external_data=False).graph)
     return counts
 
 
@@ -201,9 +209,36 @@ def _build_candidates(ctx: _Context, baseline: Candidate) -> list[Candidate]:
     for name, step in plans:
         ctx.reporter.stage(f"building {name}" + (" (calibrating)" if "static" in name else ""))
         prefix = "" if baseline.name == "fp32" else baseline.name.removesuffix("-fp32") + "+"
-        built.append(Candidate(prefix + name, step.run(baseline.path, work / f"{prefix}{name}.onnx"),
-                               steps=[*baseline.steps, step.describe()], origin=baseline.path))
+        path = step.run(baseline.path, work / f"{prefix}{name}.onnx")
+        if name != "fp16" and not _quantized_ops(path):
+            why = (f"{name} quantized nothing: the model's MatMul/Gemm/Conv are inside control "
+                   "flow (If/Loop) or of kinds onnxruntime does not quantize")
+            if mode != "auto":
+                raise QuantizationError(f"--quantize {mode}: {why}; use --quantize auto or none")
+            ctx.notes.append(why)
+            continue
+        built.append(Candidate(prefix + name, path, steps=[*baseline.steps, step.describe()],
+                               origin=baseline.path))
     return built
+
+
+_QUANTIZED_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
+                  "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+                  "QGemm"}
+
+
+def _quantized_ops(path: Path) -> int:
+    """How many quantized operators the model holds, subgraphs included."""
+    import onnx
+
+    def walk(graph: Any) -> int:
+        count = 0
+        for node in graph.node:
+            count += node.op_type in _QUANTIZED_OPS
+            count += sum(walk(a.g) for a in node.attribute if a.HasField("g"))
+        return count
+
+    return walk(onnx.load(str(path), load_external_data=False).graph)
 
 
 def _measure(ctx: _Context, candidates: list[Candidate]) -> None:
@@ -255,12 +290,16 @@ def _apply_fallback(ctx: _Context, baseline: Candidate, candidates: list[Candida
 def _choose(ctx: _Context, baseline: Candidate, candidates: list[Candidate]
             ) -> tuple[Candidate, str]:
     tol, mode = ctx.recipe.tolerance, ctx.recipe.quantize
-    if mode == "none":
-        return baseline, "no quantization asked for: the optimized float model"
     compressed = candidates[1:]
-    if mode != "auto" and not any(c.origin for c in compressed):  # pruning only, in float
-        best = compressed[0]
-        return best, f"{best.name}: pruned, no quantization asked for"
+    if mode == "none":
+        if not compressed:
+            return baseline, "no pruning or quantization asked for: the optimized float model"
+        pruned = compressed[0]
+        if not pruned.within(tol):
+            loss = pruned.quality.loss if pruned.quality else float("nan")
+            raise ToleranceError(f"pruning {ctx.recipe.prune:.0%} loses {loss:.4f} {ctx.metric}, "
+                                 f"over the tolerance {tol}; prune less or add --finetune DATA.npz")
+        return pruned, f"{pruned.name}: pruned as asked, within tolerance, no quantization"
     if mode != "auto":
         compressed = [c for c in compressed if c.origin is not None]
         within = [c for c in compressed if c.within(tol)]
