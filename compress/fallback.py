@@ -1,27 +1,33 @@
 """Accuracy-aware fallback: leave the most sensitive nodes in float until a candidate is within tolerance.
 
-Like Intel Neural Compressor's tuner, one node at a time, most sensitive first. Sensitivity is
-measured, not guessed, while the model is small enough (each quantizable node left in float on its
-own, the quality regained ranks it); past that, first and last layers go first, the usual culprits.
+Like Intel Neural Compressor's tuner, most sensitive first. Sensitivity is measured in one pass:
+the float model and the quantized candidate run on a few samples with every quantizable node's
+input and output exposed, and a node's sensitivity is the error it adds (relative error of its
+output minus that of its activation input). Nodes then go back to float one at a time, then in
+growing steps (1, 2, 3, 4, 6, 8, 12, ...), re-quantizing and re-measuring each time.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from compress.candidates import Candidate
+from compress.data import Dataset
 from compress.evaluate import file_sizes, outputs, quality
 
 if TYPE_CHECKING:
     from compress.pipeline import _Context
 
-MEASURED_RANKING_LIMIT = 24  # nodes; beyond it each ranking run costs more than it saves
-MAX_FALLBACK_STEPS = 16
+RANKING_SAMPLES = 8  # an order, not a figure: a few samples suffice
+STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
-def quantizable_nodes(path: Any, ops: tuple[str, ...]) -> list[str]:
+def quantizable_nodes(path: Path, ops: tuple[str, ...]) -> list[str]:
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
@@ -36,23 +42,83 @@ def fall_back_until_within(ctx: _Context, baseline: Candidate, cand: Candidate) 
     ops = ("MatMul", "Gemm") if step.name.startswith("dynamic") else ("Conv", "MatMul", "Gemm")
     origin = cand.origin or baseline.path
     nodes = quantizable_nodes(origin, ops)
+    if step.name.startswith("dynamic"):
+        from compress.passes.quantize_dynamic import activation_products
+
+        skipped = set(activation_products(origin))
+        nodes = [n for n in nodes if n not in skipped]
     if len(nodes) < 2:
         return None
-    ranking = _rank(ctx, origin, cand, step, nodes)
-    excluded: list[str] = []
-    ctx.reporter.start("fallback", min(len(ranking) - 1, MAX_FALLBACK_STEPS))
+    ctx.reporter.stage(f"{cand.name}: ranking {len(nodes)} nodes by the error they add")
+    ranking = rank_by_added_error(ctx, origin, cand.path, nodes)
+    counts = [c for c in STEPS if c < len(nodes)]
+    ctx.reporter.start("fallback", len(counts))
     try:
-        for node in ranking[: min(len(ranking) - 1, MAX_FALLBACK_STEPS)]:
-            excluded.append(node)
-            trial = _build(ctx, origin, cand, step, excluded, f"{cand.name}+float{len(excluded)}")
+        for count in counts:
+            excluded = ranking[:count]
+            trial = _build(ctx, origin, cand, step, excluded, f"{cand.name}+float{count}")
             ctx.reporter.advance("fallback")
             if trial.within(ctx.recipe.tolerance):
-                trial.note = f"{len(excluded)} sensitive node(s) left in float: {', '.join(excluded)}"
+                trial.note = f"{count} sensitive node(s) left in float: {', '.join(excluded)}"
                 return trial
     finally:
         ctx.reporter.finish("fallback")
-    ctx.notes.append(f"{cand.name}: still over tolerance with {len(excluded)} node(s) in float")
+    ctx.notes.append(f"{cand.name}: still over tolerance with {counts[-1] if counts else 0} "
+                     "node(s) in float")
     return None
+
+
+def rank_by_added_error(ctx: _Context, origin: Path, quantized: Path, nodes: list[str]
+                        ) -> list[str]:
+    """Nodes sorted by the relative error each adds, largest first."""
+    import onnx
+
+    graph = onnx.load(str(origin), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    wanted = set(nodes)
+    io: dict[str, tuple[str, list[str]]] = {}
+    for node in graph.node:
+        if node.name in wanted:
+            io[node.name] = (node.output[0], [i for i in node.input if i and i not in weights])
+    tensors = sorted({t for out, ins in io.values() for t in (out, *ins)})
+    n = min(len(ctx.eval_data), RANKING_SAMPLES)
+    feeds = ctx.eval_data.batch(0, n)
+    ref = _run_exposed(origin, tensors, feeds, ctx.recipe.threads)
+    got = _run_exposed(quantized, tensors, feeds, ctx.recipe.threads)
+
+    def err(name: str) -> float:
+        if name not in ref or name not in got or ref[name].shape != got[name].shape:
+            return 0.0
+        r, g = ref[name].astype(np.float64), got[name].astype(np.float64)
+        return float(np.linalg.norm(g - r) / (np.linalg.norm(r) + 1e-12))
+
+    added = {name: err(out) - max((err(i) for i in ins), default=0.0)
+             for name, (out, ins) in io.items()}
+    return sorted(nodes, key=lambda name: -added.get(name, 0.0))
+
+
+def _run_exposed(path: Path, tensors: list[str], feeds: dict[str, np.ndarray], threads: int
+                 ) -> dict[str, np.ndarray]:
+    """Run a copy of the model whose graph also outputs `tensors` (those it has, in float)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from compress.evaluate import session
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    present = {o for node in graph.node for o in node.output} | {i.name for i in graph.input}
+    existing = {o.name for o in graph.output}
+    exposed = [t for t in tensors if t in present and t not in existing
+               and t not in {i.name for i in graph.input}]
+    graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in exposed)
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "exposed.onnx"
+        onnx.save(model, str(copy))
+        sess = session(copy, threads)
+        names = [o.name for o in sess.get_outputs() if o.name in exposed]
+        values = sess.run(names, feeds)
+    return dict(zip(names, values, strict=True))
 
 
 def _step_of(ctx: _Context, cand: Candidate) -> Any:
@@ -68,30 +134,15 @@ def _step_of(ctx: _Context, cand: Candidate) -> Any:
     return None
 
 
-def _rank(ctx: _Context, origin: Path, cand: Candidate, step: Any, nodes: list[str]
-          ) -> list[str]:
-    if len(nodes) > MEASURED_RANKING_LIMIT:
-        return [nodes[0], nodes[-1], *nodes[1:-1]]
-    assert cand.quality is not None
-    gains: dict[str, float] = {}
-    ctx.reporter.start("ranking nodes", len(nodes))
-    for i, node in enumerate(nodes):
-        trial = _build(ctx, origin, cand, step, [node], f"{cand.name}-rank{i}")
-        assert trial.quality is not None
-        gains[node] = cand.quality.loss - trial.quality.loss
-        ctx.reporter.advance("ranking nodes")
-    ctx.reporter.finish("ranking nodes")
-    return sorted(nodes, key=lambda n: -gains[n])
-
-
 def _build(ctx: _Context, origin: Path, cand: Candidate, step: Any, excluded: list[str],
-           name: str) -> Candidate:
+           name: str, data: Dataset | None = None) -> Candidate:
     variant = dataclasses.replace(step, exclude=tuple(excluded))
     path = variant.run(origin, ctx.work / f"{name}.onnx")
     trial = Candidate(name, path, steps=[*cand.steps[:-1], variant.describe()], origin=origin)
     trial.size, trial.transfer_size = file_sizes(path)
-    out = outputs(path, ctx.eval_data, ctx.recipe.threads)
+    data = data or ctx.eval_data
+    out = outputs(path, data, ctx.recipe.threads)
     assert ctx.baseline_out is not None
-    trial.quality = quality(ctx.metric, out, ctx.baseline_out, ctx.eval_data.labels,
-                            ctx.baseline_value)
+    trial.quality = quality(ctx.metric, out, ctx.baseline_out[: len(data)], data.labels,
+                            ctx.baseline_value if data is ctx.eval_data else None)
     return trial

@@ -191,7 +191,8 @@ def _build_candidates(ctx: _Context, baseline: Candidate) -> list[Candidate]:
     if mode == "dynamic" or (mode == "auto" and matmuls and matmuls >= convs):
         plans.append((f"dynamic-int8-{'pc' if recipe.per_channel else 'pt'}",
                       DynamicQuantize(per_channel=recipe.per_channel)))
-    if mode in ("static", "auto"):
+    # auto: dynamic for MatMul-heavy models (transformers), static QDQ for convolutional ones
+    if mode == "static" or (mode == "auto" and convs > 0 and convs >= matmuls):
         if ctx.calibration is None:
             if mode == "static":
                 raise DataError("static quantization needs calibration data: give --calibration "
