@@ -70,7 +70,7 @@ def compress(source: str, output: Path, input_shapes: tuple[str, ...], weights: 
         metric=metric, tolerance=tolerance, name=name, version=version, labels=labels,
         sign_key=sign_key, threads=threads)
     from compress.pipeline import run
-    from compress.report import markdown, report_dict
+    from compress.report import report_dict
 
     if as_json:
         result = run(recipe)
@@ -78,12 +78,33 @@ def compress(source: str, output: Path, input_shapes: tuple[str, ...], weights: 
         return
     with _RichReporter() as reporter:
         result = run(recipe, reporter)
-    from rich.console import Console
-    from rich.markdown import Markdown
-
-    Console().print(Markdown(markdown(report_dict(result, recipe))))
+    _print_summary(report_dict(result, recipe))
     click.echo(f"wrote {result.package.path} ({result.chosen.name}"
-               f"{', signed' if result.package.signed else ''})")
+               f"{', signed' if result.package.signed else ''}); full report in report.md")
+
+
+def _print_summary(doc: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{doc['name']} v{doc['version']}: {doc['metric']}, tolerance "
+                        f"{doc['tolerance']}, {doc['threads']} thread(s)", title_justify="left")
+    for col, justify in (("candidate", "left"), ("KiB", "right"), ("smaller", "right"),
+                         ("send KiB", "right"), ("ms", "right"), ("faster", "right"),
+                         (doc["metric"], "right"), ("ok", "center")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for r in doc["candidates"]:
+        q = r["quality"] or {}
+        table.add_row(f"[bold]{r['name']} *[/bold]" if r["chosen"] else r["name"],
+                      f"{r['size'] / 1024:,.0f}", f"{r['size_ratio']}x",
+                      f"{r['transfer_size'] / 1024:,.0f}", f"{r['latency_ms']}",
+                      f"{r['speedup']}x", f"{q.get('value')}",
+                      "yes" if r["within_tolerance"] else "no")
+    console = Console()
+    console.print(table)
+    console.print(f"* chosen: {doc['reason']}")
+    for note in doc["notes"]:
+        console.print(f"- {note}")
 
 
 class _RichReporter:

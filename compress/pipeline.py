@@ -314,8 +314,6 @@ def _choose(ctx: _Context, baseline: Candidate, candidates: list[Candidate]
         return best, f"--quantize {mode}: {best.name}, within tolerance"
     fit = [c for c in compressed if c.within(tol) and c.latency_ms <= baseline.latency_ms]
     if not fit:
-        ctx.notes.append("no compressed candidate was both within tolerance and faster: "
-                         "shipping the optimized float model")
         return baseline, ("no compressed candidate was within tolerance and not slower than "
                           "the float model; the optimized float model ships")
     best = min(fit, key=lambda c: (c.latency_ms, c.size))

@@ -95,6 +95,7 @@ def _chart(doc: dict[str, Any], path: Path) -> None:
                    label=f"tolerance ({doc['metric']} {limit:.4g})")
         ax.axvline(base["latency_ms"], color="#555555", linestyle=":", linewidth=1,
                    label="fp32 latency")
+    ax.margins(x=0.15, y=0.15)  # room for the labels
     ax.set_xlabel(f"median latency, ms (batch 1, {doc['threads']} thread(s))")
     ax.set_ylabel(doc["metric"])
     ax.set_title(f"{doc['name']}: candidates (marker area = file size)")

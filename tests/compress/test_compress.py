@@ -69,7 +69,7 @@ def test_auto_ships_only_what_is_faster_and_within_tolerance(tmp_path, cdata):
     assert chosen["within_tolerance"]
     assert chosen["latency_ms"] <= base["latency_ms"]
     if chosen["name"] == "fp32":
-        assert any("optimized float" in n for n in doc["notes"])
+        assert "optimized float model ships" in doc["reason"]
 
 
 def test_dynamic_quantizes_matmuls_never_convolutions(tmp_path, cdata, factories):
