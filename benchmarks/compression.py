@@ -104,8 +104,7 @@ def minilm_runs(work: Path, quick: bool) -> dict[str, Any]:
     compress_s = time.perf_counter() - t0
     # the anchor: onnxruntime's quantize_dynamic with default options, on the same float model
     anchor = work / "anchor.onnx"
-    quantize_dynamic(str(result.baseline.path if result.baseline.path.exists() else onnx_path),
-                     str(anchor))
+    quantize_dynamic(str(onnx_path), str(anchor))
     specs, _ = read_io_specs(onnx_path)
     data = load_npz(work / "m_eval.npz", specs, role="eval")
     fp32_path = work / "minilm-fp32.onnx"

@@ -8,7 +8,6 @@ within tolerance and not slower than the float baseline (which always qualifies)
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -321,7 +320,3 @@ def _choose(ctx: _Context, baseline: Candidate, candidates: list[Candidate]
     return best, (f"fastest candidate within tolerance {tol}: {speed:.2f}x the float model's "
                   f"speed, {baseline.size / best.size:.1f}x smaller")
 
-
-def copy_chosen(chosen: Candidate, dst: Path) -> Path:
-    shutil.copyfile(chosen.path, dst)
-    return dst

@@ -98,10 +98,6 @@ def load_public_key(path: Path) -> PublicKey:
     return PublicKey(key=key, source=str(path))
 
 
-def public_key_of(key: Ed25519PrivateKey, source: str = "<private key>") -> PublicKey:
-    return PublicKey(key=key.public_key(), source=source)
-
-
 def _read_key_file(path: Path) -> bytes:
     try:
         return path.read_bytes()
