@@ -22,6 +22,10 @@ HEADER_BYTES: Final = 40  # IPv4 + TCP per segment: the cap counts bytes on the 
 MIN_RTO_S: Final = 0.2  # Linux's minimum retransmission timeout
 PACING_S: Final = 0.002  # with a cap, pieces of about this much air time are released at once
 EOF: Final = b""  # queued marker: the source closed its sending side (FIN)
+# asyncio's epoll waits are rounded up to whole milliseconds, so a timer fires up to 1 ms late.
+# Aiming half a millisecond early, and releasing what is due within that half millisecond,
+# centres the error on zero instead of adding 0.5 ms on average to every hop.
+TIMER_SLACK_S: Final = 0.0005
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,13 +170,13 @@ class Pipe:
     def _schedule(self) -> None:
         if (self._timer is None and self._queue and self.dst is not None and not self._dst_paused
                 and not self.gate.blackholed and not self.finished):
-            self._timer = self.loop.call_at(self._queue[0][0], self._flush)
+            self._timer = self.loop.call_at(self._queue[0][0] - TIMER_SLACK_S, self._flush)
 
     def _flush(self) -> None:
         self._timer = None
         if self.dst is None or self.gate.blackholed:
             return
-        now = self.loop.time()
+        now = self.loop.time() + TIMER_SLACK_S
         queue, dst = self._queue, self.dst
         while queue and queue[0][0] <= now and not self._dst_paused:
             _, piece = queue.popleft()

@@ -43,13 +43,8 @@ class _Bulk(socketserver.BaseRequestHandler):
             sock.shutdown(socket.SHUT_WR)
             sock.recv(1)
         else:
-            received, first, last = 0, 0.0, 0.0
-            while data := sock.recv(262144):
-                last = time.perf_counter()
-                if not received:
-                    first = last
-                received += len(data)
-            sock.sendall(f"{received} {last - first:.6f}\n".encode())
+            received, seconds, rate_bytes = _receive_all(sock)
+            sock.sendall(f"{received} {seconds:.6f} {rate_bytes}\n".encode())
 
 
 class _Server(socketserver.ThreadingTCPServer):
@@ -66,7 +61,8 @@ def serve(kind: str) -> Iterator[tuple[str, int]]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield server.server_address[0], server.server_address[1]
+        host, port = server.server_address[:2]
+        yield str(host), int(port)
     finally:
         server.shutdown()
         server.server_close()
@@ -100,8 +96,21 @@ def round_trips(sock: socket.socket, count: int, size: int = 64) -> list[float]:
     return times
 
 
+def _receive_all(sock: socket.socket) -> tuple[int, float, int]:
+    """Read to EOF: (bytes received, seconds from the first to the last arrival, bytes that
+    arrived after the first arrival). The rate is the last over the second: the first arrival's
+    bytes came before the clock started."""
+    received, first, last, first_bytes = 0, 0.0, 0.0, 0
+    while data := sock.recv(262144):
+        last = time.perf_counter()
+        if not received:
+            first, first_bytes = last, len(data)
+        received += len(data)
+    return received, last - first, received - first_bytes
+
+
 def upload(address: tuple[str, int], total: int) -> tuple[int, float]:
-    """Send `total` bytes to a bulk server; return (bytes it counted, seconds it took)."""
+    """Send `total` bytes to a bulk server; return (bytes it counted, measured bytes/s)."""
     with connect(address, timeout=60) as sock:
         sock.sendall(b"sink\n")
         block = b"y" * 65536
@@ -113,18 +122,13 @@ def upload(address: tuple[str, int], total: int) -> tuple[int, float]:
         reply = b""
         while chunk := sock.recv(100):
             reply += chunk
-    count, seconds = reply.split()
-    return int(count), float(seconds)
+    count, seconds, rate_bytes = reply.split()
+    return int(count), int(rate_bytes) / float(seconds)
 
 
 def download(address: tuple[str, int], total: int) -> tuple[int, float]:
-    """Ask a bulk server for `total` bytes; return (bytes received, seconds first to last byte)."""
+    """Ask a bulk server for `total` bytes; return (bytes received, measured bytes/s)."""
     with connect(address, timeout=60) as sock:
         sock.sendall(f"send {total}\n".encode())
-        received, first, last = 0, 0.0, 0.0
-        while data := sock.recv(262144):
-            last = time.perf_counter()
-            if not received:
-                first = last
-            received += len(data)
-    return received, last - first
+        received, seconds, rate_bytes = _receive_all(sock)
+    return received, rate_bytes / seconds
