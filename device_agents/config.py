@@ -124,14 +124,14 @@ class AgentConfig(_Strict):
     groups: list[str] = Field(default_factory=list, description="Fleet groups for deployments.")
     data_dir: Path = Field(Path("/var/lib/edgefleet"), description="Models, outbox and state; "
                            "must survive restarts.")
-    uplink: BrokerConfig = Field(default_factory=BrokerConfig, description="The fleet broker.")
+    uplink: BrokerConfig = Field(default_factory=lambda: BrokerConfig(), description="The fleet broker.")
     sensors: BrokerConfig | None = Field(None, description="Local broker for sensors; default: "
                                          "the uplink connection.")
     models: list[ModelConfig] = Field(default_factory=list)
-    security: SecurityConfig = Field(default_factory=SecurityConfig)
-    outbox: OutboxConfig = Field(default_factory=OutboxConfig)
-    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
-    agent: AgentLimits = Field(default_factory=AgentLimits)
+    security: SecurityConfig = Field(default_factory=lambda: SecurityConfig())
+    outbox: OutboxConfig = Field(default_factory=lambda: OutboxConfig())
+    runtime: RuntimeConfig = Field(default_factory=lambda: RuntimeConfig())
+    agent: AgentLimits = Field(default_factory=lambda: AgentLimits())
 
     @field_validator("device_id")
     @classmethod

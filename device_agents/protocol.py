@@ -32,6 +32,21 @@ _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder()
 
 
+class _IdOnly(msgspec.Struct):
+    id: str | int | None = None
+
+
+_id_decoder = msgspec.json.Decoder(_IdOnly)
+
+
+def peek_id(payload: bytes) -> str | int | None:
+    """The message's id without building its tensors (for refusing it cheaply), if it has one."""
+    try:
+        return _id_decoder.decode(payload).id
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+        return None
+
+
 class ProtocolError(Exception):
     """A message that cannot be served; `code` is the error topic's code."""
 

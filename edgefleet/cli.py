@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("runtime.cli:keys", "Generate the fleet's Ed25519 signing key pair."),
     "package": ("runtime.cli:package", "Inspect and verify model packages."),
     "demo": ("edgefleet.demo:demo", "Run the whole system end to end on this machine."),
+    "agent": ("device_agents.cli:agent", "The edge daemon: serve sensors over MQTT, report, sync."),
     "linkem": ("device_agents.linkem.cli:linkem",
                "Emulate a 5G/LTE/NB-IoT link (delay, bandwidth, outages) as a TCP proxy."),
 }

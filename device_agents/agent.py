@@ -1,0 +1,412 @@
+"""The edge agent: wiring and lifecycle.
+
+Data flows one way: transport (paho thread) -> bounded intake queue -> intake worker (parse,
+route, submit to the micro-batcher) -> batcher callback (build the result) -> disk outbox ->
+publisher thread -> transport. A sensor's QoS 1 message is acknowledged to the broker only when
+its result or error is committed to the outbox, in the order the messages came, so a crash at any
+point leaves the message either answered on disk or still held by the broker for redelivery.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from device_agents import protocol
+from device_agents.config import AgentConfig
+from device_agents.health import ProcessStats
+from device_agents.inference import InferenceService
+from device_agents.outbox import Outbox
+from device_agents.protocol import ProtocolError, Topics
+from device_agents.router import RequestError, Router
+from device_agents.store import ModelStore
+from device_agents.transport import Message, Transport
+from runtime.batching import Pending
+from runtime.errors import ClosedError, EdgefleetError, InputError, OverloadedError
+from runtime.signing import load_public_key
+
+log = logging.getLogger("edgefleet.agent")
+
+AGENT_VERSION = "edgefleet-agent/0.1"
+PUBLISH_WINDOW = 64  # results handed to paho and not yet acknowledged by the broker
+
+
+class AckSequencer:
+    """Acknowledges QoS 1 messages in the order they arrived (MQTT requires it), as each one's
+    answer becomes durable, whatever order that happens in."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self._lock = threading.Lock()
+        self._order: dict[int, list[Any]] = {}  # token -> [mid, qos, generation, done]
+        self._tokens = itertools.count()
+        self._next = 0
+
+    def register(self, msg: Message) -> int:
+        with self._lock:
+            token = next(self._tokens)
+            self._order[token] = [msg.mid, msg.qos, msg.generation, False]
+            return token
+
+    def done(self, token: int) -> None:
+        with self._lock:
+            entry = self._order.get(token)
+            if entry is None:
+                return
+            entry[3] = True
+            while self._next in self._order and self._order[self._next][3]:
+                mid, qos, generation, _ = self._order.pop(self._next)
+                self._next += 1
+                self.transport.ack(mid, qos, generation)
+
+    def reset(self) -> None:
+        """A new connection: the broker redelivers what was not acknowledged on the old one."""
+        with self._lock:
+            self._next = next(self._tokens) + 1
+            self._order.clear()
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.topics = Topics(config.device_id)
+        self.data_dir = config.data_dir
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.epoch = _next_epoch(self.data_dir / "state.json")
+        self.process = ProcessStats()
+        self.counters: Counter[str] = Counter()
+        self._seq = itertools.count(1)
+        self._stopping = threading.Event()
+        self._wake_publisher = threading.Event()
+        self._published: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self.intake: queue.Queue[Message | None] = queue.Queue(maxsize=config.agent.max_queue)
+        ob = config.outbox
+        self.outbox = Outbox(self.data_dir / "outbox.db", max_bytes=ob.max_bytes, ttl_s=ob.ttl_s,
+                             on_full=ob.on_full, on_commit=self._wake_publisher.set)
+        keys = [load_public_key(p) for p in config.security.trusted_keys]
+        self.store = ModelStore(self.data_dir / "models", keys, config.security.require_signed)
+        self.inference = InferenceService(config.runtime, config.agent.max_queue)
+        self.router = Router()
+        self._add_requests()
+        self._streams: dict[str, list[str] | None] = {}
+        self._install_configured_models()
+        self._load_active_models()
+
+        shared = config.sensors is None
+        self.uplink = Transport(
+            config.uplink, config.device_id,
+            subscriptions=[self.topics.requests] + ([self.topics.inputs] if shared else []),
+            will=(self.topics.status, protocol.offline(self.epoch)), manual_ack=True,
+            max_inflight=PUBLISH_WINDOW, on_connect=self._uplink_connected,
+            on_disconnect=lambda reason: self._on_disconnect(self.uplink),
+            on_message=self._on_message, on_published=self._published.put)
+        self.sensors = self.uplink if shared else Transport(
+            config.sensors, f"{config.device_id}-sensors",  # type: ignore[arg-type]
+            subscriptions=[self.topics.inputs], manual_ack=True,
+            on_connect=lambda present: None,
+            on_disconnect=lambda reason: self._on_disconnect(self.sensors),
+            on_message=self._on_message)
+        self.sensor_acks = AckSequencer(self.sensors)
+        self.requests: queue.Queue[Message | None] = queue.Queue(maxsize=256)
+        self._publisher_stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        log.info("starting %s epoch %d with models %s", self.config.device_id, self.epoch,
+                 [f"{m['name']}:{m['version']}" for m in self.inference.models_summary()])
+        for target, name in ((self._intake_loop, "intake"), (self._publish_loop, "publisher"),
+                             (self._telemetry_loop, "telemetry"), (self._request_loop, "requests")):
+            thread = threading.Thread(target=target, name=f"edgefleet-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self.uplink.start()
+        if self.sensors is not self.uplink:
+            self.sensors.start()
+
+    def stop(self, drain_timeout: float = 10.0) -> None:
+        """Stop intake, finish accepted work, flush the outbox while connected, say offline."""
+        log.info("stopping: finishing accepted messages and flushing the outbox")
+        self._stopping.set()
+        self.intake.put(None)  # wakes the intake worker, which drains what is queued, then ends
+        self._threads[0].join(drain_timeout)
+        self.inference.close()
+        self.outbox.flush(drain_timeout)
+        deadline = time.monotonic() + drain_timeout
+        while self.uplink.connected and self.outbox.stats().depth and time.monotonic() < deadline:
+            self._wake_publisher.set()
+            time.sleep(0.05)
+        if self.uplink.connected:
+            self.uplink.publish(self.topics.status, protocol.offline(self.epoch), qos=1,
+                                retain=True)
+            time.sleep(0.2)
+        if self.sensors is not self.uplink:
+            self.sensors.stop()
+        self.uplink.stop()
+        self._publisher_stop.set()
+        self._wake_publisher.set()
+        self.requests.put(None)
+        for thread in self._threads[1:]:
+            thread.join(2)
+        left = self.outbox.stats().depth
+        self.outbox.close()
+        log.info("stopped; %d messages left in the outbox for the next start", left)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._stopping.wait(timeout)
+
+    # -- models ------------------------------------------------------------------------------
+
+    def _install_configured_models(self) -> None:
+        for entry in self.config.models:
+            installed = self.store.install(entry.package)
+            self._streams[installed.name] = entry.streams
+            if not self.store.entry(installed.name).get("active"):
+                self.store.activate(installed.name, installed.version)
+
+    def _load_active_models(self) -> None:
+        for installed in self.store.active():
+            model = self.inference.load(self.store.verify(installed.path))
+            self.inference.activate(model, self._streams.get(installed.name))
+
+    # -- paho's thread: hand over, never block -----------------------------------------------
+
+    def _on_message(self, msg: Message) -> None:
+        if self._stopping.is_set():
+            return  # not acknowledged: the broker keeps it for the next start
+        stream = self.topics.stream_of(msg.topic)
+        if stream is None:
+            if self.topics.command_of(msg.topic) is not None:
+                try:
+                    self.requests.put_nowait(msg)
+                except queue.Full:  # acknowledged and dropped: a fleet tool retries on timeout
+                    log.warning("request queue full; dropped %s", msg.topic)
+                    self.uplink.ack(msg.mid, msg.qos, msg.generation)
+            return
+        self.counters["received"] += 1
+        try:
+            self.intake.put_nowait(msg)
+        except queue.Full:
+            msg_id = (protocol.peek_id(msg.payload)
+                      if len(msg.payload) <= self.config.agent.max_payload_bytes else None)
+            self._error(msg, stream, protocol.OVERLOADED,
+                        f"intake queue is full ({self.intake.maxsize} messages waiting)", msg_id)
+
+    def _on_disconnect(self, transport: Transport) -> None:
+        if transport is self.sensors:
+            self.sensor_acks.reset()
+
+    def _uplink_connected(self, session_present: bool) -> None:
+        self.uplink.publish(self.topics.status, protocol.birth(
+            self.epoch, AGENT_VERSION, self.config.groups, self.inference.models_summary()),
+            qos=1, retain=True)
+        self._wake_publisher.set()
+
+    # -- intake worker: parse, route, submit -------------------------------------------------
+
+    def _intake_loop(self) -> None:
+        while True:
+            msg = self.intake.get()
+            if msg is None:
+                if self._stopping.is_set() and self.intake.empty():
+                    return
+                continue
+            try:
+                self._serve(msg, self.topics.stream_of(msg.topic) or "")
+            except Exception:  # never let one message stop the worker
+                log.exception("unexpected failure handling %s", msg.topic)
+
+    def _request_loop(self) -> None:
+        while (msg := self.requests.get()) is not None:
+            try:
+                self._request(msg)
+            except Exception:
+                log.exception("unexpected failure handling %s", msg.topic)
+
+    def _serve(self, msg: Message, stream: str) -> None:
+        ts_in = time.time()
+        try:
+            sensor = protocol.parse_sensor(msg.payload, self.config.agent.max_payload_bytes)
+        except ProtocolError as exc:  # echo the id when the message has a readable one
+            msg_id = (protocol.peek_id(msg.payload)
+                      if len(msg.payload) <= self.config.agent.max_payload_bytes else None)
+            self._error(msg, stream, exc.code, str(exc), msg_id)
+            return
+        batcher = self.inference.route(stream)
+        if batcher is None:
+            self._error(msg, stream, protocol.UNKNOWN_STREAM,
+                        f"no model serves stream {stream!r}", sensor.id)
+            return
+        pending = batcher.submit(sensor.inputs)
+        pending.add_done_callback(lambda p: self._answer(msg, stream, sensor.id, ts_in, p))
+
+    def _answer(self, msg: Message, stream: str, msg_id: Any, ts_in: float, pending: Pending) -> None:
+        """On the batcher's thread: the result (or error) goes to the outbox."""
+        error = pending.exception(0)
+        if error is not None:
+            if isinstance(error, ClosedError):
+                return  # shutting down: not acknowledged, redelivered at the next start
+            code = (protocol.BAD_INPUT if isinstance(error, InputError)
+                    else protocol.OVERLOADED if isinstance(error, OverloadedError)
+                    else protocol.MODEL_ERROR)
+            self._error(msg, stream, code, str(error), msg_id)
+            return
+        result = pending.result(0)
+        model = result.model
+        doc: dict[str, Any] = {
+            "id": msg_id, "stream": stream, "seq": next(self._seq), "epoch": self.epoch,
+            "model": {"name": model.name, "version": model.version},
+            "outputs": {k: v.tolist() for k, v in result.outputs.items()},
+        }
+        scored = model.classify(result.outputs)
+        if scored:
+            best = scored[0]
+            doc["label"], doc["score"] = best.label, round(best.score, 6)
+            doc["top"] = [{"label": lab, "score": round(s, 6)} for lab, s in best.top]
+        now = time.time()
+        doc["latency_ms"] = {"queue": round(result.queue_s * 1000, 3),
+                             "inference": round(result.inference_s * 1000, 3),
+                             "total": round((now - ts_in) * 1000, 3)}
+        doc["ts_in"], doc["ts_out"] = round(ts_in, 6), round(now, 6)
+        self.counters["served"] += 1
+        self._to_outbox(msg, self.topics.output(stream), protocol.encode(doc))
+
+    def _error(self, msg: Message, stream: str | None, code: str, message: str,
+               msg_id: Any = None) -> None:
+        self.counters[f"error_{code}"] += 1
+        payload = protocol.error_payload(msg_id, stream, code, message)
+        self._to_outbox(msg, self.topics.error, payload)
+
+    def _to_outbox(self, msg: Message, topic: str, payload: bytes) -> None:
+        acks = self.sensor_acks
+        token = acks.register(msg) if msg.qos else None
+
+        def durable(stored: bool) -> None:
+            if stored and token is not None:
+                acks.done(token)
+
+        self.outbox.put(topic, payload, qos=1, on_durable=durable)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def _request(self, msg: Message) -> None:
+        command = self.topics.command_of(msg.topic) or ""
+        transaction, status, data, error = self.router.handle(command, msg.payload)
+        payload = protocol.response(transaction, status, data, error)
+        topic = msg.response_topic or self.topics.response(command)
+        props = {"CorrelationData": msg.correlation_data} if msg.correlation_data else None
+        self.uplink.publish(topic, payload, qos=1, properties=props)
+        if msg.qos:
+            self.uplink.ack(msg.mid, msg.qos, msg.generation)
+
+    def _add_requests(self) -> None:
+        self.router.add("ping", lambda args: {"pong": True, "epoch": self.epoch,
+                                              "ts": protocol.now()})
+        self.router.add("models", self._models_request)
+        self.router.add("config", lambda args: self.config.redacted())
+        self.router.add("telemetry", lambda args: self.telemetry())
+        self.router.add("rollback", self._rollback_request)
+
+    def _models_request(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        serving = {m["name"]: m for m in self.inference.models_summary()}
+        out = []
+        for installed in self.store.active():
+            entry = self.store.entry(installed.name)
+            out.append({"name": installed.name, "active": entry.get("active"),
+                        "previous": entry.get("previous"),
+                        "serving": serving.get(installed.name, {}).get("version")})
+        return out
+
+    def _rollback_request(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = args.get("model")
+        if not isinstance(name, str):
+            raise RequestError('rollback needs {"model": "<name>"}')
+        try:
+            version = self.store.rollback(name)
+            model = self.inference.load(self.store.verify(self.store.path(name, version)))
+        except EdgefleetError as exc:
+            raise RequestError(str(exc)) from exc
+        self.inference.activate(model, self._streams.get(name))
+        return {"model": name, "active": version}
+
+    # -- publisher: outbox -> broker, in order -----------------------------------------------
+
+    def _publish_loop(self) -> None:
+        inflight: dict[int, int] = {}  # mid -> outbox row id
+        last = 0
+        while not self._publisher_stop.is_set():
+            self._wake_publisher.wait(0.2)
+            self._wake_publisher.clear()
+            while True:
+                try:
+                    mid = self._published.get_nowait()
+                except queue.Empty:
+                    break
+                row_id = inflight.pop(mid, None)
+                if row_id is not None:
+                    self.outbox.ack(row_id)
+            if not self.uplink.connected:
+                continue
+            room = PUBLISH_WINDOW - len(inflight)
+            if room <= 0:
+                continue
+            for row in self.outbox.peek(last, room):
+                sent = self.uplink.publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
+                if sent is None:
+                    break
+                last = row.id
+                if row.qos == 0:
+                    self.outbox.ack(row.id)
+                else:
+                    inflight[sent] = row.id
+
+    # -- telemetry ---------------------------------------------------------------------------
+
+    def telemetry(self) -> dict[str, Any]:
+        ob = self.outbox.stats()
+        doc: dict[str, Any] = {
+            "ts": protocol.now(), "uptime_s": round(self.process.uptime_s(), 3),
+            "rss_bytes": self.process.rss_bytes(), "cpu_percent": self.process.cpu_percent(),
+            "outbox": ob.as_telemetry(), "inference": dict(self.inference.metrics()),
+            "epoch": self.epoch, "intake": {"received": self.counters["received"],
+                                            "served": self.counters["served"],
+                                            "queued": self.intake.qsize()},
+            "errors": {k.removeprefix("error_"): v for k, v in self.counters.items()
+                       if k.startswith("error_")},
+        }
+        doc["outbox"]["dropped_by"] = ob.dropped_by
+        doc["outbox"]["write_errors"] = ob.write_errors
+        return doc
+
+    def _telemetry_loop(self) -> None:
+        interval = self.config.agent.telemetry_interval_s
+        while not self._stopping.wait(interval):
+            if self.uplink.connected:
+                self.uplink.publish(self.topics.telemetry, protocol.encode(self.telemetry()), qos=0)
+
+
+def _next_epoch(path: Path) -> int:
+    """Read, increase and persist the epoch (atomically, fsynced) before anything is served."""
+    epoch = 0
+    if path.exists():
+        try:
+            epoch = int(json.loads(path.read_text()).get("epoch", 0))
+        except (ValueError, OSError, AttributeError):
+            log.warning("state file %s is unreadable; epochs restart above the outbox's", path)
+    epoch += 1
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps({"epoch": epoch}))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return epoch

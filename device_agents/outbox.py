@@ -1,0 +1,280 @@
+"""The disk outbox: every result and error is on disk before it is published, and leaves only
+when the broker has acknowledged it.
+
+SQLite in WAL mode with `synchronous=FULL`, written by one thread that commits whatever has
+arrived since its last commit in one transaction (group commit): one fsync covers hundreds of
+results, and callers never wait on the disk. A caller that must know a row is durable (to
+acknowledge the sensor message it answers) passes `on_durable`, called after the commit with
+True, or with False if the row could not be stored (disk full): then the sensor message is not
+acknowledged and the broker delivers it again later. Bounds: `max_bytes` (drop the oldest rows,
+or refuse new ones) and `ttl_s`; every row dropped is counted by reason, never silent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger("edgefleet.outbox")
+
+ROW_OVERHEAD = 64  # bytes counted per row besides topic and payload (ids, times, index)
+Durable = Callable[[bool], None]
+_Put = tuple[str, bytes, int, bool, float, Durable | None]  # topic, payload, qos, retain, created, cb
+
+
+@dataclass(slots=True)
+class Row:
+    id: int
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    created: float
+
+
+@dataclass
+class OutboxStats:
+    depth: int
+    bytes: int
+    oldest_s: float
+    dropped: int
+    dropped_by: dict[str, int] = field(default_factory=dict)
+    write_errors: int = 0
+
+    def as_telemetry(self) -> dict[str, float | int]:
+        return {"depth": self.depth, "bytes": self.bytes, "oldest_s": round(self.oldest_s, 3),
+                "dropped": self.dropped}
+
+
+class Outbox:
+    """A durable FIFO of messages waiting for the broker's acknowledgement."""
+
+    def __init__(self, path: Path, *, max_bytes: int = 256 << 20, ttl_s: float = 86400,
+                 on_full: Literal["drop-oldest", "reject-new"] = "drop-oldest",
+                 synchronous: Literal["FULL", "NORMAL"] = "FULL",
+                 on_commit: Callable[[], None] | None = None) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.ttl_s = ttl_s
+        self.on_full = on_full
+        self.on_commit = on_commit  # e.g. wake the publisher
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={synchronous}")
+        self._db.execute("CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+                         " topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL,"
+                         " retain INTEGER NOT NULL, created REAL NOT NULL, size INTEGER NOT NULL)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY,"
+                         " value INTEGER NOT NULL)")
+        depth, size = self._db.execute("SELECT count(*), coalesce(sum(size), 0) FROM outbox").fetchone()
+        self._depth, self._bytes = int(depth), int(size)
+        self.dropped_by: dict[str, int] = dict(
+            self._db.execute("SELECT name, value FROM counters").fetchall())
+        self._last_id = int(self._db.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()[0])
+        self.write_errors = 0
+        # Only the writer thread uses _db; readers (the publisher, telemetry) have their own
+        # connection, which WAL lets read while the writer commits.
+        self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._read_lock = threading.Lock()
+        self._lock = threading.Lock()  # _queued_seq
+        self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._changed = threading.Condition()
+        self._committed_seq = 0
+        self._queued_seq = 0
+        self._closed = False
+        self._writer = threading.Thread(target=self._write_loop, name="edgefleet-outbox",
+                                        daemon=True)
+        self._writer.start()
+
+    # -- the callers' side -------------------------------------------------------------------
+
+    def put(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+            on_durable: Durable | None = None) -> None:
+        """Queue a message for the disk; never blocks. on_durable(stored) follows the commit."""
+        with self._lock:
+            self._queued_seq += 1
+        self._queue.put(("put", (topic, payload, qos, retain, time.time(), on_durable)))
+
+    def ack(self, row_id: int) -> None:
+        """The broker acknowledged this row: it may go."""
+        self._queue.put(("ack", row_id))
+
+    def flush(self, timeout: float | None = 10.0) -> bool:
+        """Wait until everything put so far is committed (or refused)."""
+        with self._lock:
+            target = self._queued_seq
+        with self._changed:
+            return self._changed.wait_for(lambda: self._committed_seq >= target, timeout)
+
+    def peek(self, after_id: int, limit: int) -> list[Row]:
+        """Rows after `after_id`, oldest first (the publisher's next batch)."""
+        with self._read_lock:
+            rows = self._reader.execute(
+                "SELECT id, topic, payload, qos, retain, created FROM outbox WHERE id > ? "
+                "ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
+        return [Row(r[0], r[1], bytes(r[2]), r[3], bool(r[4]), r[5]) for r in rows]
+
+    def wait_for_rows(self, after_id: int, timeout: float) -> bool:
+        """Block until a row after `after_id` may exist (a commit happened) or the timeout."""
+        with self._changed:
+            if self._last_id > after_id:
+                return True
+            self._changed.wait(timeout)
+            return self._last_id > after_id
+
+    def stats(self) -> OutboxStats:
+        with self._read_lock:
+            oldest = self._reader.execute("SELECT min(created) FROM outbox").fetchone()[0]
+        dropped = self.dropped_by  # replaced, never mutated, by the writer: a consistent copy
+        return OutboxStats(self._depth, self._bytes,
+                           0.0 if oldest is None else max(0.0, time.time() - oldest),
+                           sum(dropped.values()), dict(dropped), self.write_errors)
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(("stop", None))
+        self._writer.join(timeout)
+        self._db.close()
+        with self._read_lock:
+            self._reader.close()
+
+    # -- the writer thread -------------------------------------------------------------------
+
+    def _write_loop(self) -> None:  # the writer thread
+        next_expiry = 0.0
+        while True:
+            first = self._queue.get()
+            batch = [first]
+            while len(batch) < 4096:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(kind == "stop" for kind, _ in batch)
+            self._commit(batch)
+            now = time.monotonic()
+            if now >= next_expiry:
+                self._expire()
+                next_expiry = now + 1.0
+            if stop:
+                return
+
+    def _commit(self, batch: list[tuple[str, Any]]) -> None:
+        puts: list[_Put] = [item for kind, item in batch if kind == "put"]
+        acks: list[int] = [item for kind, item in batch if kind == "ack"]
+        callbacks: list[tuple[Durable, bool]] = []
+        # the writer thread alone touches _db and the counters: no lock
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            if acks:
+                self._delete(acks)
+            stored = self._insert(puts, callbacks)
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback(exc)
+            stored = 0
+            callbacks = [(put[5], False) for put in puts if put[5] is not None]
+            self.write_errors += len(puts)
+            self._recount()
+        else:
+            if stored:
+                self._last_id = int(self._db.execute("SELECT max(id) FROM outbox").fetchone()[0] or 0)
+        for cb, ok in callbacks:
+            try:
+                cb(ok)
+            except Exception:  # a caller's bug must not stop the outbox
+                log.exception("outbox durability callback failed")
+        with self._changed:
+            self._committed_seq += len(puts)
+            self._changed.notify_all()
+        if self.on_commit is not None and puts:
+            self.on_commit()
+
+    def _delete(self, ids: list[int]) -> None:
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            depth, size = self._db.execute(
+                f"SELECT count(*), coalesce(sum(size), 0) FROM outbox WHERE id IN ({marks})",
+                chunk).fetchone()
+            self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk)
+            self._depth -= depth
+            self._bytes -= size
+
+    def _insert(self, puts: list[_Put], callbacks: list[tuple[Durable, bool]]) -> int:
+        rows = []
+        for topic, payload, qos, retain, created, cb in puts:
+            size = len(topic) + len(payload) + ROW_OVERHEAD
+            if self._bytes + size > self.max_bytes and not self._make_room(size):
+                self._count("rejected_full", 1)
+                if cb is not None:
+                    callbacks.append((cb, True))  # handled: dropped and counted, not retried
+                continue
+            rows.append((topic, payload, qos, int(retain), created, size))
+            self._bytes += size
+            self._depth += 1
+            if cb is not None:
+                callbacks.append((cb, True))
+        if rows:
+            self._db.executemany("INSERT INTO outbox (topic, payload, qos, retain, created, size) "
+                                 "VALUES (?, ?, ?, ?, ?, ?)", rows)
+        return len(rows)
+
+    def _make_room(self, size: int) -> bool:
+        """drop-oldest: delete the oldest rows until `size` fits; reject-new: refuse."""
+        if self.on_full == "reject-new" or size > self.max_bytes:
+            return False
+        while self._bytes + size > self.max_bytes and self._depth > 0:
+            n = max(1, self._depth // 100)
+            depth, freed = self._db.execute(
+                "SELECT count(*), coalesce(sum(size), 0) FROM (SELECT size FROM outbox "
+                "ORDER BY id LIMIT ?)", (n,)).fetchone()
+            self._db.execute("DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id "
+                             "LIMIT ?)", (n,))
+            self._depth -= depth
+            self._bytes -= freed
+            self._count("dropped_oldest", depth)
+        return self._bytes + size <= self.max_bytes
+
+    def _expire(self) -> None:
+        cutoff = time.time() - self.ttl_s
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            depth, size = self._db.execute(
+                "SELECT count(*), coalesce(sum(size), 0) FROM outbox WHERE created < ?",
+                (cutoff,)).fetchone()
+            if depth:
+                self._db.execute("DELETE FROM outbox WHERE created < ?", (cutoff,))
+                self._depth -= depth
+                self._bytes -= size
+                self._count("expired", depth)
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback(exc)
+
+    def _count(self, reason: str, n: int) -> None:
+        self.dropped_by = {**self.dropped_by, reason: self.dropped_by.get(reason, 0) + n}
+        self._db.execute("INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT(name) "
+                         "DO UPDATE SET value = value + excluded.value", (reason, n))
+
+    def _rollback(self, exc: sqlite3.Error) -> None:
+        log.error("outbox write failed (%s): nothing in this batch is acknowledged; sensors "
+                  "will resend", exc)
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("ROLLBACK")
+
+    def _recount(self) -> None:
+        depth, size = self._db.execute("SELECT count(*), coalesce(sum(size), 0) FROM outbox").fetchone()
+        self._depth, self._bytes = int(depth), int(size)
+        self.dropped_by = dict(self._db.execute("SELECT name, value FROM counters").fetchall())

@@ -1,0 +1,256 @@
+"""The MQTT connection: the only module that imports paho.
+
+One `Transport` is one MQTT 5 client with a persistent session, run by its own network thread
+that reconnects with capped, jittered exponential backoff. paho's callbacks only hand work over
+(to the agent's bounded intake queue, or to small bookkeeping) and never block: a slow callback
+starves keepalive. Publishing is thread-safe; nothing is published by the agent before CONNACK
+(callers check `connected`), and the Last Will is set before every connect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from device_agents.config import BrokerConfig
+from device_agents.errors import DeviceAgentError
+
+log = logging.getLogger("edgefleet.transport")
+
+
+class TransportError(DeviceAgentError):
+    """The broker settings cannot be used (TLS files, credentials)."""
+
+
+@dataclass(slots=True)
+class Message:
+    """A received message, with what is needed to answer and acknowledge it."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    mid: int
+    generation: int  # which connection it came on: an ack is only valid on that one
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+
+
+class Backoff:
+    """Capped exponential backoff with jitter (each wait is 50-100% of the capped step), so a
+    fleet that lost its broker does not reconnect in lockstep."""
+
+    def __init__(self, first_s: float = 0.5, cap_s: float = 30.0, rng: random.Random | None = None
+                 ) -> None:
+        self.first_s, self.cap_s = first_s, cap_s
+        self.attempt = 0
+        self.rng = rng or random.Random()
+
+    def next(self) -> float:
+        step = min(self.cap_s, self.first_s * 2 ** min(self.attempt, 30))
+        self.attempt += 1
+        return float(step * self.rng.uniform(0.5, 1.0))
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class Transport:
+    """One MQTT 5 connection with a persistent session.
+
+    Callbacks run on the network thread: on_connect(session_present), on_disconnect(reason),
+    on_message(Message), on_published(mid). They must be quick.
+    """
+
+    def __init__(
+        self,
+        broker: BrokerConfig,
+        client_id: str,
+        *,
+        subscriptions: list[str] = (),  # type: ignore[assignment]
+        will: tuple[str, bytes] | None = None,
+        manual_ack: bool = False,
+        max_inflight: int = 64,
+        on_connect: Callable[[bool], None] | None = None,
+        on_disconnect: Callable[[str], None] | None = None,
+        on_message: Callable[[Message], None] | None = None,
+        on_published: Callable[[int], None] | None = None,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.broker = broker
+        self.client_id = client_id
+        self.subscriptions = list(subscriptions)
+        self.backoff = backoff or Backoff()
+        self.generation = 0
+        self.connects = 0
+        self._on_connect = on_connect
+        self._on_disconnect = on_disconnect
+        self._on_message = on_message
+        self._on_published = on_published
+        self._connected = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._first = True
+        self.last_error: str | None = None
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                             protocol=mqtt.MQTTv5)
+        client.manual_ack_set(manual_ack)
+        client.max_inflight_messages_set(max_inflight)
+        if broker.username is not None:
+            client.username_pw_set(broker.username, broker.password())
+        if broker.tls:
+            try:
+                client.tls_set(ca_certs=str(broker.ca_file) if broker.ca_file else None,
+                               certfile=str(broker.cert_file) if broker.cert_file else None,
+                               keyfile=str(broker.key_file) if broker.key_file else None,
+                               cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            except (OSError, ssl.SSLError) as exc:
+                raise TransportError(f"TLS setup for {broker.url} failed: {exc}") from exc
+        if will is not None:
+            client.will_set(will[0], will[1], qos=1, retain=True)
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        client.on_publish = self._handle_publish
+        client.on_socket_open = _no_delay
+        self._client = client
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        return self._connected.wait(timeout)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"edgefleet-mqtt-{self.client_id}",
+                                        daemon=True)
+        self._thread.start()
+
+    def set_will(self, topic: str, payload: bytes) -> None:
+        """Change the Last Will; it takes effect at the next connect."""
+        self._client.will_set(topic, payload, qos=1, retain=True)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                properties: dict[str, Any] | None = None) -> int | None:
+        """Queue a message; returns its mid (for QoS 1, matched by on_published) or None when
+        paho refused it (not connected and its own queue is off)."""
+        props = None
+        if properties:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            for key, value in properties.items():
+                setattr(props, key, value)
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            return None
+        return info.mid
+
+    def ack(self, mid: int, qos: int, generation: int) -> None:
+        """Acknowledge a received QoS 1 message (manual ack), if its connection is still up;
+        otherwise the broker redelivers it, which is what at-least-once wants."""
+        if qos > 0 and generation == self.generation and self.connected:
+            self._client.ack(mid, qos)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Disconnect cleanly (no Last Will) and stop the network thread."""
+        self._stop.set()
+        if self.connected:
+            self._client.disconnect()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- the network thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        client = self._client
+        while not self._stop.is_set():
+            try:
+                self._connect_once()
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                self._note_error(f"cannot connect to {self.broker.url}: {exc}")
+                self._stop.wait(self.backoff.next())
+                continue
+            while not self._stop.is_set():
+                rc = client.loop(timeout=0.2)
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    break
+            if self._connected.is_set():  # paho did not call on_disconnect (e.g. socket error)
+                self._handle_disconnect(client, None, None, "connection lost", None)
+            if not self._stop.is_set():
+                self._stop.wait(self.backoff.next())
+        # flush the DISCONNECT written by stop()
+        for _ in range(5):
+            if client.loop(timeout=0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                break
+
+    def _connect_once(self) -> None:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self.broker.session_expiry_s
+        if self._first:
+            self._client.connect(self.broker.host, self.broker.port, self.broker.keepalive_s,
+                                 clean_start=False, properties=props)
+            self._first = False
+        else:
+            self._client.reconnect()
+
+    def _note_error(self, message: str) -> None:
+        if message != self.last_error:
+            log.warning("%s", message)
+        self.last_error = message
+
+    def _handle_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
+                        properties: Any) -> None:
+        if reason.is_failure:
+            self._note_error(f"{self.broker.url} refused the connection: {reason}")
+            return
+        self.generation += 1
+        self.connects += 1
+        self.backoff.reset()
+        self.last_error = None
+        if self.subscriptions:
+            client.subscribe([(topic, 1) for topic in self.subscriptions])
+        self._connected.set()
+        log.info("connected to %s (session present: %s)", self.broker.url, flags.session_present)
+        if self._on_connect is not None:
+            self._on_connect(bool(flags.session_present))
+
+    def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
+                           properties: Any) -> None:
+        if not self._connected.is_set():
+            return
+        self._connected.clear()
+        (log.info if self._stop.is_set() else log.warning)(
+            "disconnected from %s: %s", self.broker.url, reason)
+        if self._on_disconnect is not None:
+            self._on_disconnect(str(reason))
+
+    def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if self._on_message is None:
+            return
+        props = getattr(msg, "properties", None)
+        self._on_message(Message(
+            msg.topic, bytes(msg.payload), msg.qos, msg.mid, self.generation,
+            getattr(props, "ResponseTopic", None), getattr(props, "CorrelationData", None)))
+
+    def _handle_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
+                        properties: Any) -> None:
+        if self._on_published is not None:
+            self._on_published(mid)
+
+
+def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """Nagle's algorithm would hold a small message until the previous one is acknowledged: a
+    round trip per message on a radio link. Results are small; latency comes first."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
