@@ -16,6 +16,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from tests.support.mosquitto import Mosquitto
 
@@ -81,7 +83,12 @@ class Peer:
         self.client.on_message = lambda c, u, m: self.messages.put(
             (m.topic, m.payload, getattr(m, "properties", None)))
         self.client.max_inflight_messages_set(1000)
-        self.client.connect(broker.host, broker.port, clean_start=clean)
+        self.client.reconnect_delay_set(0.2, 1.0)
+        props = None
+        if not clean:  # a persistent session: the broker keeps what arrives while we are away
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = 3600
+        self.client.connect(broker.host, broker.port, clean_start=clean, properties=props)
         self.client.loop_start()
         assert self.connected.wait(10)
         time.sleep(0.2)  # SUBACK
@@ -105,6 +112,24 @@ class Peer:
             if topic.endswith(suffix):
                 out.append(json.loads(payload))
         return out
+
+    def drain(self, suffix: str, ids: set[Any], timeout: float) -> dict[Any, list[dict[str, Any]]]:
+        """Collect messages on *suffix until every id in `ids` was seen; duplicates are kept."""
+        seen: dict[Any, list[dict[str, Any]]] = {}
+        deadline = time.monotonic() + timeout
+        while not ids <= set(seen):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = sorted(ids - set(seen), key=str)
+                raise TimeoutError(f"{len(missing)} of {len(ids)} never answered: {missing[:10]}")
+            try:
+                topic, payload, _ = self.messages.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                continue
+            if topic.endswith(suffix):
+                doc = json.loads(payload)
+                seen.setdefault(doc.get("id"), []).append(doc)
+        return seen
 
     def close(self) -> None:
         self.client.loop_stop()
