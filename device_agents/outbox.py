@@ -162,11 +162,14 @@ class Outbox:
                 except queue.Empty:
                     break
             stop = any(kind == "stop" for kind, _ in batch)
-            self._commit(batch)
-            now = time.monotonic()
-            if now >= next_expiry:
-                self._expire()
-                next_expiry = now + 1.0
+            try:
+                self._commit(batch)
+                now = time.monotonic()
+                if now >= next_expiry:
+                    self._expire()
+                    next_expiry = now + 1.0
+            except Exception:  # the outbox must outlive any one bad batch
+                log.exception("outbox writer failed on a batch")
             if stop:
                 return
 
@@ -213,19 +216,26 @@ class Outbox:
             self._bytes -= size
 
     def _insert(self, puts: list[_Put], callbacks: list[tuple[Durable, bool]]) -> int:
-        rows = []
+        rows: list[tuple[str, bytes, int, int, float, int]] = []
+        stored = 0
         for topic, payload, qos, retain, created, cb in puts:
             size = len(topic) + len(payload) + ROW_OVERHEAD
-            if self._bytes + size > self.max_bytes and not self._make_room(size):
-                self._count("rejected_full", 1)
-                if cb is not None:
-                    callbacks.append((cb, True))  # handled: dropped and counted, not retried
-                continue
+            if self._bytes + size > self.max_bytes:
+                stored += self._write_rows(rows)  # what is pending must be on disk to be dropped
+                rows = []
+                if not self._make_room(size):
+                    self._count("rejected_full", 1)
+                    if cb is not None:
+                        callbacks.append((cb, True))  # handled: dropped and counted, not retried
+                    continue
             rows.append((topic, payload, qos, int(retain), created, size))
             self._bytes += size
             self._depth += 1
             if cb is not None:
                 callbacks.append((cb, True))
+        return stored + self._write_rows(rows)
+
+    def _write_rows(self, rows: list[tuple[str, bytes, int, int, float, int]]) -> int:
         if rows:
             self._db.executemany("INSERT INTO outbox (topic, payload, qos, retain, created, size) "
                                  "VALUES (?, ?, ?, ?, ?, ?)", rows)
@@ -242,6 +252,8 @@ class Outbox:
                 "ORDER BY id LIMIT ?)", (n,)).fetchone()
             self._db.execute("DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id "
                              "LIMIT ?)", (n,))
+            if not depth:
+                break
             self._depth -= depth
             self._bytes -= freed
             self._count("dropped_oldest", depth)

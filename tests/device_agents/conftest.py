@@ -29,7 +29,7 @@ class Bench:
         self.config = self.write()
 
     def write(self, *, broker_url: str | None = None, extra: str = "",
-              package: Path | None | bool = True) -> Path:
+              package: Path | bool | None = True) -> Path:
         pkg = self.package if package is True else (package or None)
         return write_config(self.tmp / "agent.toml", device_id=self.device_id,
                             broker_url=broker_url or self.broker.url, data_dir=self.data_dir,

@@ -22,7 +22,8 @@ def free_port() -> int:
 
 
 class Mosquitto:
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, *, listener_options: str = "",
+                 allow_anonymous: bool = True, tls: bool = False) -> None:
         binary = shutil.which("mosquitto") or (
             "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
         if binary is None:
@@ -33,6 +34,7 @@ class Mosquitto:
         self.port = port or free_port()
         self.host = "127.0.0.1"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.tls = tls
         workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / "mosquitto.log"
         self.conf_path = workdir / "mosquitto.conf"
@@ -40,7 +42,8 @@ class Mosquitto:
             # As root, mosquitto would drop to the 'mosquitto' user and lose access to workdir.
             f"user {getpass.getuser()}\n"
             f"listener {self.port} {self.host}\n"
-            "allow_anonymous true\n"
+            f"{listener_options}"
+            f"allow_anonymous {'true' if allow_anonymous else 'false'}\n"
             # Nagle's algorithm holds a small packet until the previous one is ACKed; over a
             # link (or the emulator) that costs up to a round trip per message. Latency first.
             "set_tcp_nodelay true\n"
@@ -53,7 +56,7 @@ class Mosquitto:
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
     @property
     def running(self) -> bool:

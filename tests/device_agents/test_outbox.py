@@ -1,0 +1,124 @@
+"""The disk outbox on its own: durability callbacks, order, bounds, TTL, restart, disk full."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from device_agents.outbox import Outbox
+
+
+def _fill(box: Outbox, n: int, size: int = 100, prefix: str = "m") -> list[bool]:
+    outcomes: list[bool] = []
+    for i in range(n):
+        box.put(f"t/{prefix}{i}", bytes([i % 256]) * size, on_durable=outcomes.append)
+    assert box.flush(10)
+    return outcomes
+
+
+def test_rows_come_back_in_order_and_leave_on_ack(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db")
+    assert _fill(box, 100) == [True] * 100
+    rows = box.peek(0, 1000)
+    assert [r.topic for r in rows] == [f"t/m{i}" for i in range(100)]
+    for row in rows[:60]:
+        box.ack(row.id)
+    box.put("t/sync", b"x")
+    box.flush()
+    assert box.stats().depth == 41
+    assert box.peek(0, 1)[0].topic == "t/m60"
+    box.close()
+
+
+def test_survives_a_restart(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db")
+    _fill(box, 10)
+    box.close()
+    again = Outbox(tmp_path / "o.db")
+    assert [r.topic for r in again.peek(0, 100)] == [f"t/m{i}" for i in range(10)]
+    assert again.stats().depth == 10
+    again.close()
+
+
+def test_drop_oldest_when_full_is_counted(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", max_bytes=64 * 1024, on_full="drop-oldest")
+    _fill(box, 1000, size=200)
+    stats = box.stats()
+    assert stats.bytes <= 64 * 1024
+    assert stats.dropped == 1000 - stats.depth
+    assert stats.dropped_by == {"dropped_oldest": stats.dropped}
+    assert box.peek(0, 100_000)[-1].topic == "t/m999"  # the newest are kept
+    box.close()
+
+
+def test_reject_new_when_full_is_counted(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", max_bytes=64 * 1024, on_full="reject-new")
+    _fill(box, 1000, size=200)
+    stats = box.stats()
+    assert stats.dropped_by == {"rejected_full": 1000 - stats.depth}
+    assert box.peek(0, 1)[0].topic == "t/m0"  # the oldest are kept
+    box.close()
+
+
+def test_ttl_expires_old_rows_and_counts_them(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", ttl_s=0.5)
+    _fill(box, 20)
+    time.sleep(1.6)
+    box.put("t/fresh", b"x")
+    box.flush()
+    deadline = time.monotonic() + 5
+    while box.stats().dropped_by.get("expired", 0) < 20 and time.monotonic() < deadline:
+        box.put("t/tick", b"x")
+        box.flush()
+        time.sleep(0.2)
+    assert box.stats().dropped_by["expired"] == 20
+    box.close()
+    again = Outbox(tmp_path / "o.db")  # counters persist with the data
+    assert again.stats().dropped_by["expired"] == 20
+    again.close()
+
+
+def test_disk_full_refuses_durability_and_keeps_working(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db")
+    _fill(box, 5)
+    # SQLite's own "database or disk is full" (SQLITE_FULL), as on a full disk
+    box._db.execute(f"PRAGMA max_page_count = {box._db.execute('PRAGMA page_count').fetchone()[0]}")
+    outcomes = _fill(box, 200, size=4000, prefix="big")
+    assert False in outcomes, "a write to a full database reported durable"
+    assert box.stats().write_errors > 0
+    box._db.execute("PRAGMA max_page_count = 1000000")
+    assert _fill(box, 3, prefix="after") == [True] * 3
+    topics = [r.topic for r in box.peek(0, 10_000)]
+    assert topics[:5] == [f"t/m{i}" for i in range(5)]  # nothing accepted earlier was lost
+    assert topics[-3:] == ["t/after0", "t/after1", "t/after2"]
+    box.close()
+
+
+def test_put_from_many_threads(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db")
+    outcomes: list[bool] = []
+
+    def worker(k: int) -> None:
+        for i in range(500):
+            box.put(f"t/{k}/{i}", b"payload", on_durable=outcomes.append)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert box.flush(30)
+    assert len(outcomes) == 4000
+    assert all(outcomes)
+    assert box.stats().depth == 4000
+    per_thread: dict[str, list[int]] = {}
+    for row in box.peek(0, 10_000):
+        _, k, i = row.topic.split("/")
+        per_thread.setdefault(k, []).append(int(i))
+    assert all(v == sorted(v) for v in per_thread.values())  # each producer's order is kept
+    box.close()
+
+
+_ = sqlite3
