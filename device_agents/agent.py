@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from collections import Counter
@@ -107,7 +108,7 @@ class Agent:
             will=(self.topics.status, protocol.offline(self.epoch)), manual_ack=True,
             max_inflight=PUBLISH_WINDOW, on_connect=self._uplink_connected,
             on_disconnect=lambda reason: self._on_disconnect(self.uplink),
-            on_message=self._on_message, on_published=self._published.put)
+            on_message=self._on_message, on_published=self._on_published)
         self.sensors = self.uplink if shared else Transport(
             config.sensors, f"{config.device_id}-sensors",  # type: ignore[arg-type]
             subscriptions=[self.topics.inputs], manual_ack=True,
@@ -122,6 +123,10 @@ class Agent:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        # A message crosses four threads (network, intake, batcher, outbox) on its way to a
+        # result. With CPython's default 5 ms switch interval, each hop can wait that long for
+        # the GIL behind a busy thread; 1 ms keeps hops short at a small cost in switching.
+        sys.setswitchinterval(0.001)
         log.info("starting %s epoch %d with models %s", self.config.device_id, self.epoch,
                  [f"{m['name']}:{m['version']}" for m in self.inference.models_summary()])
         for target, name in ((self._intake_loop, "intake"), (self._publish_loop, "publisher"),
@@ -200,6 +205,11 @@ class Agent:
                       if len(msg.payload) <= self.config.agent.max_payload_bytes else None)
             self._error(msg, stream, protocol.OVERLOADED,
                         f"intake queue is full ({self.intake.maxsize} messages waiting)", msg_id)
+
+    def _on_published(self, mid: int) -> None:
+        """PUBACK: the row can leave the outbox, and the window has room for the next one."""
+        self._published.put(mid)
+        self._wake_publisher.set()
 
     def _on_disconnect(self, transport: Transport) -> None:
         if transport is self.sensors:
