@@ -167,13 +167,14 @@ def outbox_rate(workdir: Path, n: int) -> float:
     box = Outbox(workdir / "bench-outbox.db")
     body = json.dumps({"id": 1, "stream": "cam", "seq": 1, "epoch": 1,
                        "outputs": {"p": [0.1] * 10}, "label": "3", "score": 0.9}).encode()
-    done = []
+    done: list[bool] = []
     start = time.perf_counter()
-    for i in range(n):
+    for _i in range(n):
         box.put(f"{ROOT}/{DEVICE}/out/cam", body, on_durable=done.append)
     box.flush(120)
     rate = n / (time.perf_counter() - start)
-    assert len(done) == n and all(done)
+    assert len(done) == n
+    assert all(done)
     box.close()
     return rate
 

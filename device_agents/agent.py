@@ -79,7 +79,7 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.topics = Topics(config.device_id)
-        self.data_dir = config.data_dir
+        self.data_dir = config.data_path
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.epoch = _next_epoch(self.data_dir / "state.json")
         self.process = ProcessStats()
@@ -92,7 +92,7 @@ class Agent:
         ob = config.outbox
         self.outbox = Outbox(self.data_dir / "outbox.db", max_bytes=ob.max_bytes, ttl_s=ob.ttl_s,
                              on_full=ob.on_full, on_commit=self._wake_publisher.set)
-        keys = [load_public_key(p) for p in config.security.trusted_keys]
+        keys = [load_public_key(Path(p)) for p in config.security.trusted_keys]
         self.store = ModelStore(self.data_dir / "models", keys, config.security.require_signed)
         self.inference = InferenceService(config.runtime, config.agent.max_queue)
         self.router = Router()
@@ -173,7 +173,7 @@ class Agent:
 
     def _install_configured_models(self) -> None:
         for entry in self.config.models:
-            installed = self.store.install(entry.package)
+            installed = self.store.install(Path(entry.package))
             self._streams[installed.name] = entry.streams
             if not self.store.entry(installed.name).get("active"):
                 self.store.activate(installed.name, installed.version)

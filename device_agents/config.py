@@ -1,8 +1,9 @@
 """The agent's TOML config (CONTRACT 5.1): typed, every field described, unknown keys refused.
 
-`load_config` reports every problem at once (pydantic collects them), so `check-config` can list
-them all. Secrets never live in the file: a password is named by the environment variable that
-holds it (`password_env`) and read when connecting.
+Structs are msgspec's (already in the agent for the wire protocol; pydantic would add about
+11 MB to a daemon with a 90 MB budget). `load_config` walks the file against them and reports
+every problem at once, so `check-config` can list them all. Secrets never live in the file: a
+password is named by the environment variable that holds it (`password_env`).
 """
 
 from __future__ import annotations
@@ -10,16 +11,19 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+import msgspec
+from msgspec import Meta
 
 from device_agents.errors import DeviceAgentError
 
-DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-STREAM = re.compile(r"^[A-Za-z0-9_.-]+$")
+DEVICE_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+STREAM = r"^[A-Za-z0-9_.-]+$"
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 
 
@@ -31,36 +35,32 @@ class ConfigError(DeviceAgentError):
         super().__init__(f"{path}: {len(problems)} problem(s): " + "; ".join(problems))
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    pass
 
 
-class BrokerConfig(_Strict):
-    url: str = Field(DEFAULT_BROKER, description="mqtt://host:port or mqtts://host:port (TLS).")
-    username: str | None = Field(None, description="MQTT username.")
-    password_env: str | None = Field(
-        None, description="Name of the environment variable holding the password.")
-    ca_file: Path | None = Field(None, description="CA bundle for mqtts (default: the system's).")
-    cert_file: Path | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
-    key_file: Path | None = Field(None, description="Private key (PEM) of the client certificate.")
-    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive; a dead link is "
-                             "noticed after 1.5 x this.")
-    session_expiry_s: int = Field(7 * 86400, ge=0, description="How long the broker keeps the "
-                                  "session (subscriptions, unacknowledged QoS 1) while offline.")
+def _doc(text: str) -> Meta:
+    return Meta(description=text)
 
-    @field_validator("url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        parse_broker_url(value)
-        return value
 
-    @model_validator(mode="after")
-    def _pairs(self) -> BrokerConfig:
+class BrokerConfig(_Strict, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    url: Annotated[str, _doc("mqtt://host:port or mqtts://host:port (TLS).")] = DEFAULT_BROKER
+    username: Annotated[str | None, _doc("MQTT username.")] = None
+    password_env: Annotated[str | None, _doc("Environment variable holding the password.")] = None
+    ca_file: Annotated[str | None, _doc("CA bundle for mqtts (default: the system's).")] = None
+    cert_file: Annotated[str | None, _doc("Client certificate (PEM) for mutual TLS.")] = None
+    key_file: Annotated[str | None, _doc("Private key (PEM) of the client certificate.")] = None
+    keepalive_s: Annotated[int, Meta(ge=5, le=3600, description="MQTT keepalive; a dead link "
+                                     "is noticed after 1.5 x this.")] = 30
+    session_expiry_s: Annotated[int, Meta(ge=0, description="How long the broker keeps the "
+                                          "session while offline.")] = 7 * 86400
+
+    def __post_init__(self) -> None:
+        parse_broker_url(self.url)
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together (mutual TLS)")
         if self.password_env is not None and self.username is None:
             raise ValueError("password_env is set but username is not")
-        return self
 
     @property
     def host(self) -> str:
@@ -75,86 +75,86 @@ class BrokerConfig(_Strict):
         return parse_broker_url(self.url)[0] == "mqtts"
 
     def password(self) -> str | None:
-        """The password, read from the environment now (never stored in the config object)."""
+        """The password, read from the environment now (never kept in the config object)."""
         if self.password_env is None:
             return None
         value = os.environ.get(self.password_env)
         if value is None:
-            raise ConfigError("environment", [f"{self.password_env} is not set (the uplink "
+            raise ConfigError("environment", [f"{self.password_env} is not set (the broker "
                                               "password is read from it)"])
         return value
 
 
-class ModelConfig(_Strict):
-    package: Path = Field(description="Package directory installed at first start.")
-    streams: list[Annotated[str, Field(pattern=STREAM.pattern)]] | None = Field(
-        None, description="Streams routed to this model; omitted: every stream no other model takes.")
+class ModelConfig(_Strict, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    package: Annotated[str, _doc("Package directory installed at first start.")]
+    streams: Annotated[list[Annotated[str, Meta(pattern=STREAM)]] | None,
+                       _doc("Streams routed to this model; omitted: streams no other model "
+                            "takes.")] = None
 
 
-class SecurityConfig(_Strict):
-    trusted_keys: list[Path] = Field(default_factory=list, description="Ed25519 public keys "
-                                     "(PEM) whose signatures are accepted.")
-    require_signed: bool = Field(True, description="Refuse packages without a trusted signature.")
+class SecurityConfig(_Strict, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    trusted_keys: Annotated[list[str], _doc("Ed25519 public keys (PEM) accepted as signers.")] = (
+        msgspec.field(default_factory=list))
+    require_signed: Annotated[bool, _doc("Refuse packages without a trusted signature.")] = True
 
 
-class OutboxConfig(_Strict):
-    max_bytes: int = Field(256 * 1024 * 1024, ge=64 * 1024, description="Disk bound of the outbox.")
-    ttl_s: float = Field(86400, gt=0, description="Results older than this are dropped (counted).")
-    on_full: Literal["drop-oldest", "reject-new"] = Field(
-        "drop-oldest", description="What gives way when max_bytes is reached.")
+class OutboxConfig(_Strict, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    max_bytes: Annotated[int, Meta(ge=64 * 1024, description="Disk bound of the outbox.")] = 256 << 20
+    ttl_s: Annotated[float, Meta(gt=0, description="Older results are dropped (counted).")] = 86400.0
+    on_full: Annotated[Literal["drop-oldest", "reject-new"],
+                       _doc("What gives way when max_bytes is reached.")] = "drop-oldest"
 
 
-class RuntimeConfig(_Strict):
-    threads: int = Field(2, ge=1, le=64, description="onnxruntime intra-op threads (a ceiling).")
-    max_batch: int = Field(32, ge=1, le=1024, description="Micro-batch size limit.")
-    max_delay_ms: float = Field(2, ge=0, le=1000, description="How long a request may wait for "
-                                "batch-mates.")
+class RuntimeConfig(_Strict, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    threads: Annotated[int, Meta(ge=1, le=64, description="onnxruntime threads (a ceiling).")] = 2
+    max_batch: Annotated[int, Meta(ge=1, le=1024, description="Micro-batch size limit.")] = 32
+    max_delay_ms: Annotated[float, Meta(ge=0, le=1000, description="How long a request may wait "
+                                        "for batch-mates.")] = 2.0
 
 
-class AgentLimits(_Strict):
-    max_payload_bytes: int = Field(1024 * 1024, ge=1024, description="Larger sensor messages "
-                                   "are refused with bad_payload.")
-    max_queue: int = Field(1024, ge=1, description="Sensor messages waiting for inference; past "
-                           "this they are refused with overloaded.")
-    telemetry_interval_s: float = Field(30, gt=0, description="Seconds between telemetry messages.")
+class AgentLimits(_Strict, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    max_payload_bytes: Annotated[int, Meta(ge=1024, description="Larger sensor messages are "
+                                           "refused with bad_payload.")] = 1 << 20
+    max_queue: Annotated[int, Meta(ge=1, description="Messages waiting for inference; past this "
+                                   "they are refused with overloaded.")] = 1024
+    telemetry_interval_s: Annotated[float, Meta(gt=0, description="Seconds between telemetry "
+                                                "messages.")] = 30.0
 
 
-class AgentConfig(_Strict):
-    device_id: str = Field(description="Unique id of this box: letters, digits, _ . -")
-    groups: list[str] = Field(default_factory=list, description="Fleet groups for deployments.")
-    data_dir: Path = Field(Path("/var/lib/edgefleet"), description="Models, outbox and state; "
-                           "must survive restarts.")
-    uplink: BrokerConfig = Field(default_factory=lambda: BrokerConfig(), description="The fleet broker.")
-    sensors: BrokerConfig | None = Field(None, description="Local broker for sensors; default: "
-                                         "the uplink connection.")
-    models: list[ModelConfig] = Field(default_factory=list)
-    security: SecurityConfig = Field(default_factory=lambda: SecurityConfig())
-    outbox: OutboxConfig = Field(default_factory=lambda: OutboxConfig())
-    runtime: RuntimeConfig = Field(default_factory=lambda: RuntimeConfig())
-    agent: AgentLimits = Field(default_factory=lambda: AgentLimits())
+class AgentConfig(_Strict, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    device_id: Annotated[str, Meta(pattern=DEVICE_ID, description="Unique id of this box.")]
+    groups: Annotated[list[str], _doc("Fleet groups for deployments.")] = msgspec.field(
+        default_factory=list)
+    data_dir: Annotated[str, _doc("Models, outbox and state; must survive restarts.")] = (
+        "/var/lib/edgefleet")
+    uplink: Annotated[BrokerConfig, _doc("The fleet broker.")] = msgspec.field(
+        default_factory=BrokerConfig)
+    sensors: Annotated[BrokerConfig | None, _doc("Local broker for sensors; default: the "
+                                                 "uplink connection.")] = None
+    models: list[ModelConfig] = msgspec.field(default_factory=list)
+    security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
+    outbox: OutboxConfig = msgspec.field(default_factory=OutboxConfig)
+    runtime: RuntimeConfig = msgspec.field(default_factory=RuntimeConfig)
+    agent: AgentLimits = msgspec.field(default_factory=AgentLimits)
 
-    @field_validator("device_id")
-    @classmethod
-    def _device_id(cls, value: str) -> str:
-        if not DEVICE_ID.match(value):
-            raise ValueError(f"{value!r} must match {DEVICE_ID.pattern}")
-        return value
-
-    @model_validator(mode="after")
-    def _streams(self) -> AgentConfig:
+    def __post_init__(self) -> None:
         seen: dict[str, str] = {}
         for model in self.models:
             for stream in model.streams or ():
                 if stream in seen:
                     raise ValueError(f"stream {stream!r} is routed to two models "
                                      f"({seen[stream]} and {model.package})")
-                seen[stream] = str(model.package)
-        return self
+                seen[stream] = model.package
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
 
     def redacted(self) -> dict[str, Any]:
-        """The effective config for the `config` request: paths as strings, no secrets (the
-        file holds none; the password's variable name is shown, never its value)."""
-        return self.model_dump(mode="json")
+        """The effective config for the `config` request. The file holds no secrets: the
+        password's variable name is shown, never its value."""
+        doc: dict[str, Any] = msgspec.to_builtins(self)
+        return doc
 
 
 def parse_broker_url(url: str) -> tuple[str, str, int]:
@@ -170,7 +170,7 @@ def parse_broker_url(url: str) -> tuple[str, str, int]:
 
 
 def load_config(path: Path | str, **overrides: Any) -> AgentConfig:
-    """Read and validate a config file; overrides (device_id, uplink url) win over the file."""
+    """Read and validate a config file; overrides (device_id, broker url) win over the file."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -184,24 +184,73 @@ def load_config(path: Path | str, **overrides: Any) -> AgentConfig:
         raw["device_id"] = overrides["device_id"]
     if overrides.get("broker"):
         raw.setdefault("uplink", {})["url"] = overrides["broker"]
-    try:
-        config = AgentConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(path, [_problem(e) for e in exc.errors()]) from None
+    problems = schema_problems(raw, AgentConfig, "")
+    if problems:
+        raise ConfigError(path, problems)
+    config = msgspec.convert(raw, AgentConfig)
     problems = _file_problems(config)
     if problems:
         raise ConfigError(path, problems)
     return config
 
 
-def _problem(error: Any) -> str:
-    where = ".".join(str(p) for p in error["loc"]) or "(top level)"
-    message = str(error["msg"]).removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
-        message = "unknown key"
-    elif error["type"] == "missing":
-        message = "required"
-    return f"{where}: {message}"
+def schema_problems(raw: Any, cls: type[msgspec.Struct], where: str) -> list[str]:
+    """Every way `raw` breaks the struct `cls`: unknown and missing keys, and each field's own
+    error, recursing into nested tables; then the struct's cross-field checks."""
+    here = where or "(top level)"
+    if not isinstance(raw, dict):
+        return [f"{here}: expected a table, got {type(raw).__name__}"]
+    fields = {f.name: f for f in msgspec.structs.fields(cls)}
+    problems = [f"{_join(where, k)}: unknown key" for k in raw if k not in fields]
+    for name, field in fields.items():
+        at = _join(where, name)
+        if name not in raw:
+            if field.required:
+                problems.append(f"{at}: required")
+            continue
+        value, (kind, inner) = raw[name], _shape(field.type)
+        if kind == "struct" and value is not None:
+            problems += schema_problems(value, inner, at)
+        elif kind == "structs" and isinstance(value, list):
+            for i, item in enumerate(value):
+                problems += schema_problems(item, inner, f"{at}.{i}")
+        else:
+            try:
+                msgspec.convert(value, field.type)
+            except msgspec.ValidationError as exc:
+                problems.append(f"{at}: {_message(exc)}")
+    if not problems:
+        try:
+            msgspec.convert(raw, cls)  # the cross-field checks in __post_init__
+        except msgspec.ValidationError as exc:
+            problems.append(f"{here}: {_message(exc)}")
+    return problems
+
+
+def _shape(tp: Any) -> tuple[str, Any]:
+    """('struct', cls) for a (possibly optional) struct field, ('structs', cls) for a list of
+    structs, else ('value', None)."""
+    while typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return _shape(args[0])
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        return "struct", tp
+    if typing.get_origin(tp) is list:
+        kind, inner = _shape(typing.get_args(tp)[0])
+        if kind == "struct":
+            return "structs", inner
+    return "value", None
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _message(exc: msgspec.ValidationError) -> str:
+    return re.sub(r" - at `\$[^`]*`$", "", str(exc))
 
 
 def _file_problems(config: AgentConfig) -> list[str]:
@@ -212,16 +261,16 @@ def _file_problems(config: AgentConfig) -> list[str]:
             continue
         for field in ("ca_file", "cert_file", "key_file"):
             value = getattr(broker, field)
-            if value is not None and not value.is_file():
+            if value is not None and not Path(value).is_file():
                 problems.append(f"{name}.{field}: {value} does not exist")
         if broker.password_env and broker.password_env not in os.environ:
             problems.append(f"{name}.password_env: environment variable {broker.password_env} "
                             "is not set")
     for i, key in enumerate(config.security.trusted_keys):
-        if not key.is_file():
+        if not Path(key).is_file():
             problems.append(f"security.trusted_keys.{i}: {key} does not exist")
     for i, model in enumerate(config.models):
-        if not (model.package / "manifest.json").is_file():
+        if not (Path(model.package) / "manifest.json").is_file():
             problems.append(f"models.{i}.package: {model.package} is not a package "
                             "(no manifest.json)")
     if config.security.require_signed and config.models and not config.security.trusted_keys:

@@ -78,7 +78,7 @@ streams = ["a b"]
     with pytest.raises(ConfigError) as info:
         load_config(path)
     text = "\n".join(info.value.problems)
-    for expected in ("device_id", "colour: unknown key", "uplink.url", "outbox.on_full",
+    for expected in ("device_id", "colour: unknown key", "uplink: broker URL 'http://nope'", "outbox.on_full",
                      "outbox.max_bytes", "runtime.threads", "models.0.streams"):
         assert expected in text, f"{expected!r} missing from:\n{text}"
     assert len(info.value.problems) >= 7

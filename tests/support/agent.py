@@ -81,9 +81,9 @@ class Peer:
 
         self.client.on_connect = on_connect
         self.client.on_message = lambda c, u, m: self.messages.put(
-            (m.topic, m.payload, getattr(m, "properties", None)))
+            (m.topic, bytes(m.payload), getattr(m, "properties", None)))
         self.client.max_inflight_messages_set(1000)
-        self.client.reconnect_delay_set(0.2, 1.0)
+        self.client.reconnect_delay_set(1, 2)
         props = None
         if not clean:  # a persistent session: the broker keeps what arrives while we are away
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
