@@ -46,3 +46,25 @@ def test_cli_package_commands_import_no_torch(signed_digits_package, keys_dir: P
     """)
     assert "runtime.cli" in modules
     assert not HEAVY & modules, HEAVY & modules
+
+
+def test_the_running_agent_imports_no_torch(signed_digits_package, keys_dir: Path,
+                                            tmp_path: Path) -> None:
+    """The agent, wired up with a model and its outbox, as `edgefleet agent run` builds it."""
+    config = tmp_path / "agent.toml"
+    config.write_text(f'device_id = "imports"\ndata_dir = "{tmp_path / "data"}"\n'
+                      f'[[models]]\npackage = "{signed_digits_package.path}"\n'
+                      f'[security]\ntrusted_keys = ["{keys_dir / "fleet.pub"}"]\n')
+    modules = _modules_after(f"""
+        from edgefleet.cli import cli
+        from device_agents.agent import Agent
+        from device_agents.config import load_config
+        try:
+            cli(["agent", "check-config", "--config", {str(config)!r}], standalone_mode=False)
+        except SystemExit as exc:
+            assert not exc.code, exc
+        agent = Agent(load_config({str(config)!r}))
+        agent.outbox.close()
+    """)
+    assert {"device_agents.agent", "paho.mqtt.client", "device_agents.outbox"} <= modules
+    assert not HEAVY & modules, HEAVY & modules
