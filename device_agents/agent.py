@@ -21,8 +21,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from device_agents import protocol
+from device_agents.chunks import ChunkStore, chunk_file
 from device_agents.config import AgentConfig
+from device_agents.delivery import DeliveryManager
 from device_agents.health import ProcessStats
 from device_agents.inference import InferenceService
 from device_agents.outbox import Outbox
@@ -95,6 +99,8 @@ class Agent:
         keys = [load_public_key(Path(p)) for p in config.security.trusted_keys]
         self.store = ModelStore(self.data_dir / "models", keys, config.security.require_signed)
         self.inference = InferenceService(config.runtime, config.agent.max_queue)
+        self.chunks = ChunkStore(self.data_dir / "chunks")
+        self.delivery: DeliveryManager | None = None
         self.router = Router()
         self._add_requests()
         self._streams: dict[str, list[str] | None] = {}
@@ -116,6 +122,12 @@ class Agent:
             on_disconnect=lambda reason: self._on_disconnect(self.sensors),
             on_message=self._on_message)
         self.sensor_acks = AckSequencer(self.sensors)
+        self.uplink_acks = self.sensor_acks if shared else AckSequencer(self.uplink)
+        self.delivery = DeliveryManager(
+            self.data_dir, self.store, self.chunks, self.inference, self.uplink, self.topics,
+            publish_state=self._publish_model_state, streams_of=self._streams.get,
+            on_models_changed=self._publish_birth, handled=self._handled)
+        self.router.add("deploy", self.delivery.deploy)
         self.requests: queue.Queue[Message | None] = queue.Queue(maxsize=256)
         self._publisher_stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -134,6 +146,8 @@ class Agent:
             thread = threading.Thread(target=target, name=f"edgefleet-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        assert self.delivery is not None
+        self.delivery.start()
         self.uplink.start()
         if self.sensors is not self.uplink:
             self.sensors.start()
@@ -145,6 +159,8 @@ class Agent:
         self.intake.put(None)  # wakes the intake worker, which drains what is queued, then ends
         self._threads[0].join(drain_timeout)
         self.inference.close()
+        if self.delivery is not None:
+            self.delivery.stop()
         self.outbox.flush(drain_timeout)
         deadline = time.monotonic() + drain_timeout
         while self.uplink.connected and self.outbox.stats().depth and time.monotonic() < deadline:
@@ -175,6 +191,9 @@ class Agent:
         for entry in self.config.models:
             installed = self.store.install(Path(entry.package))
             self._streams[installed.name] = entry.streams
+            model_file = next(installed.path.glob("*.onnx"), None)
+            if model_file is not None and not self.chunks.indexed(model_file):
+                self.chunks.index_file(model_file, chunk_file(model_file))  # for later deltas
             if not self.store.entry(installed.name).get("active"):
                 self.store.activate(installed.name, installed.version)
 
@@ -188,6 +207,8 @@ class Agent:
     def _on_message(self, msg: Message) -> None:
         if self._stopping.is_set():
             return  # not acknowledged: the broker keeps it for the next start
+        if msg.qos:  # acknowledgements go out in arrival order, whatever finishes first
+            msg.token = self._acks_for(msg).register(msg)
         stream = self.topics.stream_of(msg.topic)
         if stream is None:
             if self.topics.command_of(msg.topic) is not None:
@@ -195,7 +216,11 @@ class Agent:
                     self.requests.put_nowait(msg)
                 except queue.Full:  # acknowledged and dropped: a fleet tool retries on timeout
                     log.warning("request queue full; dropped %s", msg.topic)
-                    self.uplink.ack(msg.mid, msg.qos, msg.generation)
+                    self._handled(msg)
+            elif self.delivery is not None and self.delivery.wants(msg.topic):
+                self.delivery.receive(msg)
+            else:
+                self._handled(msg)
             return
         self.counters["received"] += 1
         try:
@@ -211,15 +236,31 @@ class Agent:
         self._published.put(mid)
         self._wake_publisher.set()
 
+    def _acks_for(self, msg: Message) -> AckSequencer:
+        on_sensors = self.sensors is not self.uplink and self.topics.stream_of(msg.topic) is not None
+        return self.sensor_acks if on_sensors else self.uplink_acks
+
+    def _handled(self, msg: Message) -> None:
+        """The message is dealt with (answer durable, or refused for good): acknowledge it."""
+        if msg.token is not None:
+            self._acks_for(msg).done(msg.token)
+
     def _on_disconnect(self, transport: Transport) -> None:
-        if transport is self.sensors:
-            self.sensor_acks.reset()
+        (self.sensor_acks if transport is self.sensors else self.uplink_acks).reset()
 
     def _uplink_connected(self, session_present: bool) -> None:
+        self._publish_birth()
+        self._wake_publisher.set()
+
+    def _publish_birth(self) -> None:
+        """The retained status: after every connect, and whenever the models in service change."""
         self.uplink.publish(self.topics.status, protocol.birth(
             self.epoch, AGENT_VERSION, self.config.groups, self.inference.models_summary()),
             qos=1, retain=True)
-        self._wake_publisher.set()
+
+    def _publish_model_state(self, name: str, doc: dict[str, Any]) -> None:
+        """model/{name}/state, retained, through the outbox: it survives outages and restarts."""
+        self.outbox.put(self.topics.model_state(name), protocol.encode(doc), qos=1, retain=True)
 
     # -- intake worker: parse, route, submit -------------------------------------------------
 
@@ -272,6 +313,11 @@ class Agent:
             return
         result = pending.result(0)
         model = result.model
+        if not all(np.isfinite(v).all() for v in result.outputs.values()):
+            model.metrics.record_error()  # counts against the version's health window
+            self._error(msg, stream, protocol.MODEL_ERROR,
+                        f"model {model.name} {model.version} produced NaN or Inf", msg_id)
+            return
         doc: dict[str, Any] = {
             "id": msg_id, "stream": stream, "seq": next(self._seq), "epoch": self.epoch,
             "model": {"name": model.name, "version": model.version},
@@ -297,12 +343,9 @@ class Agent:
         self._to_outbox(msg, self.topics.error, payload)
 
     def _to_outbox(self, msg: Message, topic: str, payload: bytes) -> None:
-        acks = self.sensor_acks
-        token = acks.register(msg) if msg.qos else None
-
         def durable(stored: bool) -> None:
-            if stored and token is not None:
-                acks.done(token)
+            if stored:
+                self._handled(msg)
 
         self.outbox.put(topic, payload, qos=1, on_durable=durable)
 
@@ -315,8 +358,7 @@ class Agent:
         topic = msg.response_topic or self.topics.response(command)
         props = {"CorrelationData": msg.correlation_data} if msg.correlation_data else None
         self.uplink.publish(topic, payload, qos=1, properties=props)
-        if msg.qos:
-            self.uplink.ack(msg.mid, msg.qos, msg.generation)
+        self._handled(msg)
 
     def _add_requests(self) -> None:
         self.router.add("ping", lambda args: {"pong": True, "epoch": self.epoch,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Final
@@ -16,6 +17,8 @@ import msgspec
 import numpy as np
 
 ROOT: Final = "edgefleet/v1"
+BLOBS_PREFIX: Final = f"{ROOT}/blobs/"  # + sha256: a retained chunk of a package being delivered
+NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # error codes of the `error` topic
 BAD_PAYLOAD: Final = "bad_payload"
@@ -91,6 +94,10 @@ class Topics:
 
     def command_of(self, topic: str) -> str | None:
         return topic[len(self._request_prefix):] if topic.startswith(self._request_prefix) else None
+
+
+def blob_topic(sha256: str) -> str:
+    return f"{BLOBS_PREFIX}{sha256}"
 
 
 def encode(doc: Any) -> bytes:

@@ -45,6 +45,7 @@ class Message:
     generation: int  # which connection it came on: an ack is only valid on that one
     response_topic: str | None = None
     correlation_data: bytes | None = None
+    token: int | None = None  # its place in the acknowledgement order (see agent.AckSequencer)
 
 
 class Backoff:
@@ -162,6 +163,20 @@ class Transport:
         if qos > 0 and generation == self.generation and self.connected:
             self._client.ack(mid, qos)
 
+    def subscribe(self, topics: list[str]) -> None:
+        """Subscribe now (if connected) and again after every reconnect."""
+        new = [t for t in topics if t not in self.subscriptions]
+        self.subscriptions += new
+        if new and self.connected:
+            self._client.subscribe([(t, 1) for t in new])
+
+    def unsubscribe(self, topics: list[str]) -> None:
+        gone = [t for t in topics if t in self.subscriptions]
+        for t in gone:
+            self.subscriptions.remove(t)
+        if gone and self.connected:
+            self._client.unsubscribe(gone)
+
     def stop(self, timeout: float = 5.0) -> None:
         """Disconnect cleanly (no Last Will) and stop the network thread."""
         self._stop.set()
@@ -218,8 +233,9 @@ class Transport:
         self.connects += 1
         self.backoff.reset()
         self.last_error = None
-        if self.subscriptions:
-            client.subscribe([(topic, 1) for topic in self.subscriptions])
+        subscriptions = list(self.subscriptions)
+        for i in range(0, len(subscriptions), 100):
+            client.subscribe([(topic, 1) for topic in subscriptions[i:i + 100]])
         self._connected.set()
         log.info("connected to %s (session present: %s)", self.broker.url, flags.session_present)
         if self._on_connect is not None:

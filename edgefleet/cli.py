@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "package": ("runtime.cli:package", "Inspect and verify model packages."),
     "demo": ("edgefleet.demo:demo", "Run the whole system end to end on this machine."),
     "agent": ("device_agents.cli:agent", "The edge daemon: serve sensors over MQTT, report, sync."),
+    "fleet": ("device_agents.fleet.cli:fleet", "Operate the fleet: deploy, roll back, call devices."),
     "linkem": ("device_agents.linkem.cli:linkem",
                "Emulate a 5G/LTE/NB-IoT link (delay, bandwidth, outages) as a TCP proxy."),
 }

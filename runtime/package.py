@@ -164,6 +164,16 @@ def load_package(
                    verified_by=verified_by)
 
 
+def verify_manifest(path: Path | str, *, trusted_keys: Sequence[PublicKey] = (),
+                    require_signed: bool = False) -> tuple[Manifest, bytes]:
+    """Check manifest.json and its signature before the model file is there (a delivery checks
+    this first, so an untrusted package is refused before a byte of the model is fetched)."""
+    path = Path(path)
+    manifest, raw = read_manifest(path)
+    _check_signature(path, manifest, raw, trusted_keys, require_signed)
+    return manifest, raw
+
+
 def _check_signature(
     path: Path, manifest: Manifest, raw: bytes, trusted_keys: Sequence[PublicKey],
     require_signed: bool,

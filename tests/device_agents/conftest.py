@@ -19,6 +19,7 @@ class Bench:
 
     def __init__(self, tmp: Path, broker: Mosquitto, package: Path, keys: list[Path]) -> None:
         self.tmp = tmp
+        tmp.mkdir(parents=True, exist_ok=True)
         self.broker = broker
         self.device_id = f"dev-{uuid.uuid4().hex[:8]}"
         self.package = package

@@ -221,6 +221,9 @@ def test_sigterm_flushes_and_says_offline(bench: Bench, digits_samples) -> None:
         watcher.send("cam", {"id": i, "data": image})
     time.sleep(0.3)
     assert agent.stop() == 0, agent.logs()
+    lines = agent.logs().splitlines()
+    assert lines, "the agent logged nothing"
+    assert all(json.loads(line)["level"] for line in lines)  # one JSON object per line
     served = {r["id"] for r in watcher.collect("/out/cam", 50, timeout=10)}
     assert served == set(range(50))
     offline = wait_for_status(watcher, "offline", timeout=10)

@@ -73,3 +73,30 @@ def test_wrong_password_is_retried_and_logged_not_fatal(tmp_path: Path, tls_brok
         assert "not-the-pw-7f3a" not in agent.logs()
     finally:
         assert agent.stop() == 0
+
+
+def test_agent_connects_with_a_client_certificate(tmp_path: Path, keys_dir: Path) -> None:
+    pki = make_ca_and_server(tmp_path / "pki")
+    broker = Mosquitto(tmp_path / "mq", tls=True, listener_options=(
+        f"cafile {pki['ca']}\ncertfile {pki['cert']}\nkeyfile {pki['key']}\n"
+        "require_certificate true\nuse_identity_as_username true\n"))
+    broker.start()
+    try:
+        config = write_config(tmp_path / "agent.toml", device_id="mtls-dev", broker_url=broker.url,
+                              data_dir=tmp_path / "data", package=None,
+                              keys=[keys_dir / "fleet.pub"])
+        config.write_text(config.read_text().replace(
+            "keepalive_s = 5", f'keepalive_s = 5\nca_file = "{pki["ca"]}"\n'
+            f'cert_file = "{pki["client_cert"]}"\nkey_file = "{pki["client_key"]}"'))
+        agent = AgentProcess(config).start()
+        try:
+            out = subprocess.run(
+                ["mosquitto_sub", "-h", broker.host, "-p", str(broker.port), "--cafile",
+                 str(pki["ca"]), "--cert", str(pki["client_cert"]), "--key",
+                 str(pki["client_key"]), "-t", "edgefleet/v1/mtls-dev/status", "-C", "1",
+                 "-W", "20"], capture_output=True, text=True, timeout=30)
+            assert json.loads(out.stdout or "{}").get("state") == "online", agent.logs()
+        finally:
+            agent.stop()
+    finally:
+        broker.stop()

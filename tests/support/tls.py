@@ -17,7 +17,8 @@ def _name(cn: str) -> x509.Name:
 
 
 def make_ca_and_server(out: Path, host: str = "127.0.0.1") -> dict[str, Path]:
-    """Writes ca.pem, server.pem and server.key into out; returns their paths."""
+    """Writes ca.pem, server.pem/.key and a client certificate (client.pem/.key) signed by the
+    same CA into out; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -34,7 +35,17 @@ def make_ca_and_server(out: Path, host: str = "127.0.0.1") -> dict[str, Path]:
             .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host)),
                                                         x509.DNSName("localhost")]), critical=False)
             .sign(ca_key, hashes.SHA256()))
-    paths = {"ca": out / "ca.pem", "cert": out / "server.pem", "key": out / "server.key"}
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client = (x509.CertificateBuilder().subject_name(_name("edge-client")).issuer_name(ca.subject)
+              .public_key(client_key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+              .sign(ca_key, hashes.SHA256()))
+    (out / "client.pem").write_bytes(client.public_bytes(serialization.Encoding.PEM))
+    (out / "client.key").write_bytes(client_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    paths = {"ca": out / "ca.pem", "cert": out / "server.pem", "key": out / "server.key",
+             "client_cert": out / "client.pem", "client_key": out / "client.key"}
     paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM,

@@ -1,0 +1,105 @@
+"""Content-defined chunks of model files, and the device's store of the chunks it holds.
+
+Chunk boundaries come from the content (FastCDC), not from offsets, so a model whose unchanged
+tensors keep their bytes (only the classifier head retrained) shares all but a few chunks with
+its previous version, and only those few travel. Chunks stay well under common broker message
+limits (AWS IoT Core: 128 KB).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+CHUNK_MIN: Final = 8 * 1024
+CHUNK_AVG: Final = 32 * 1024
+CHUNK_MAX: Final = 120 * 1024  # leaves room for topic and headers under a 128 KB limit
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    sha256: str
+    offset: int
+    size: int
+
+
+def chunk_bytes(data: bytes) -> list[Chunk]:
+    """Split data at content-defined boundaries (FastCDC) and hash each piece."""
+    from fastcdc import fastcdc
+
+    if not data:
+        return []
+    out = []
+    for c in fastcdc(data, min_size=CHUNK_MIN, avg_size=CHUNK_AVG, max_size=CHUNK_MAX):
+        piece = data[c.offset:c.offset + c.length]
+        out.append(Chunk(hashlib.sha256(piece).hexdigest(), c.offset, c.length))
+    return out
+
+
+def chunk_file(path: Path) -> list[Chunk]:
+    return chunk_bytes(path.read_bytes())
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class ChunkStore:
+    """What the device holds: loose chunks received for a delivery in progress (one file each,
+    written with fsync and rename, so a power cut never leaves half a chunk), and an index of the
+    chunks inside installed model files (the bytes are not stored twice)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.loose = root / "loose"
+        self.loose.mkdir(parents=True, exist_ok=True)
+        self._index_path = root / "index.json"
+        self._index: dict[str, tuple[str, int, int]] = {}
+        if self._index_path.exists():
+            self._index = {k: tuple(v) for k, v in json.loads(self._index_path.read_text()).items()}  # type: ignore[misc]
+
+    def has(self, sha: str) -> bool:
+        if (self.loose / sha).exists():
+            return True
+        where = self._index.get(sha)
+        return where is not None and Path(where[0]).exists()
+
+    def put(self, sha: str, data: bytes) -> bool:
+        """Store a chunk if its bytes hash to `sha`; False (and nothing stored) otherwise."""
+        if hashlib.sha256(data).hexdigest() != sha:
+            return False
+        if not self.has(sha):
+            _fsync_write(self.loose / sha, data)
+        return True
+
+    def read(self, sha: str) -> bytes:
+        loose = self.loose / sha
+        if loose.exists():
+            return loose.read_bytes()
+        path, offset, size = self._index[sha]
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(size)
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise OSError(f"chunk {sha[:12]} in {path} no longer matches its hash")
+        return data
+
+    def indexed(self, path: Path) -> bool:
+        return any(where[0] == str(path) for where in self._index.values())
+
+    def index_file(self, path: Path, chunks: list[Chunk]) -> None:
+        """Record the chunks of an installed model file; their loose copies can go."""
+        for c in chunks:
+            self._index[c.sha256] = (str(path), c.offset, c.size)
+        _fsync_write(self._index_path, json.dumps(self._index).encode())
+        for c in chunks:
+            (self.loose / c.sha256).unlink(missing_ok=True)

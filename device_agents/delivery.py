@@ -1,0 +1,371 @@
+"""Model delivery on the device: fetch a package's missing chunks over MQTT, verify, self-test,
+activate atomically, watch its health, and roll back on its own.
+
+The protocol (docs/protocol.md): the fleet sends a `deploy` request holding the signed manifest and
+the package's chunk list; the device checks the signature before anything else, answers with the
+chunks it lacks, and subscribes to those chunks' retained topics `edgefleet/v1/blobs/{sha256}` a
+few at a time (a window), so the broker fans one published copy out to every device and the bulk
+flow never floods the link ahead of sensor traffic. Each chunk is hash-checked and written with
+fsync before it is acknowledged; the descriptor is kept in `data_dir/deliveries/`, so after a
+dropped link or an agent restart only the chunks still missing are fetched.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_agents import protocol
+from device_agents.chunks import ChunkStore
+from device_agents.inference import InferenceService
+from device_agents.router import RequestError
+from device_agents.store import ModelStore
+from device_agents.transport import Message, Transport
+from runtime.errors import EdgefleetError
+from runtime.model import Model
+from runtime.package import Manifest, verify_manifest
+
+log = logging.getLogger("edgefleet.delivery")
+
+WINDOW = 4  # chunks subscribed at once: bounds what the bulk flow queues ahead of sensor data
+
+
+@dataclass
+class Deployment:
+    """One delivery in progress, as persisted in data_dir/deliveries/{id}.json."""
+
+    id: str
+    name: str
+    version: str
+    manifest_b64: str
+    signature_b64: str | None
+    chunks: list[tuple[str, int]]
+    health_window_s: float = 30.0
+    max_error_rate: float = 0.2
+    phase: str = "downloading"
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self.chunks)
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+
+class DeliveryManager:
+    def __init__(self, data_dir: Path, store: ModelStore, chunks: ChunkStore,
+                 inference: InferenceService, transport: Transport, topics: protocol.Topics,
+                 publish_state: Callable[[str, dict[str, Any]], None],
+                 streams_of: Callable[[str], list[str] | None],
+                 on_models_changed: Callable[[], None], handled: Callable[[Message], None]) -> None:
+        self.dir = data_dir / "deliveries"
+        self.staging = data_dir / "staging"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.store, self.chunks, self.inference = store, chunks, inference
+        self.transport, self.topics = transport, topics
+        self.publish_state = publish_state
+        self.streams_of = streams_of
+        self.on_models_changed = on_models_changed
+        self.handled = handled
+        self.active: dict[str, Deployment] = {}
+        self._wanted: dict[str, set[str]] = {}  # chunk sha -> deployments waiting for it
+        self._subscribed: set[str] = set()
+        self._lock = threading.RLock()
+        self._queue: queue.Queue[Message | None] = queue.Queue(maxsize=4 * WINDOW + 16)
+        self._worker = threading.Thread(target=self._loop, name="edgefleet-delivery", daemon=True)
+        self._health: list[threading.Thread] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for path in sorted(self.dir.glob("*.json")):  # resume what a restart interrupted
+            try:
+                dep = Deployment(**json.loads(path.read_text()))
+            except (ValueError, TypeError) as exc:
+                log.error("unreadable delivery %s (%s): dropped", path, exc)
+                path.unlink()
+                continue
+            dep.chunks = [tuple(c) for c in dep.chunks]  # type: ignore[misc]
+            log.info("resuming delivery %s of %s %s", dep.id, dep.name, dep.version)
+            self._begin(dep)
+        self._worker.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    # -- the deploy request (request worker thread) ------------------------------------------
+
+    def deploy(self, args: dict[str, Any]) -> dict[str, Any]:
+        dep = _descriptor(args)
+        staging = self.staging / dep.id
+        try:
+            manifest = self._check_manifest(dep, staging)
+        except EdgefleetError as exc:
+            self._fail(dep, str(exc))
+            raise RequestError(str(exc)) from exc
+        entry = self.store.entry(dep.name)
+        if entry.get("active") == dep.version and (self.store.path(dep.name, dep.version)
+                                                   / "manifest.json").exists():
+            self._state(dep, "active", 1.0)
+            return {"deployment": dep.id, "need": [], "need_bytes": 0, "already_active": True}
+        if manifest.sha256 != args.get("sha256", manifest.sha256):
+            raise RequestError("descriptor sha256 does not match the signed manifest")
+        with self._lock:
+            self.active[dep.id] = dep
+            dep.missing = sorted({sha for sha, _ in dep.chunks if not self.chunks.has(sha)})
+            (self.dir / f"{dep.id}.json").write_text(dep.to_json())
+        need_bytes = sum(size for sha, size in dict(dep.chunks).items() if sha in set(dep.missing))
+        self._begin(dep)
+        return {"deployment": dep.id, "need": dep.missing, "need_bytes": need_bytes,
+                "have_bytes": dep.total_bytes - need_bytes}
+
+    def _check_manifest(self, dep: Deployment, staging: Path) -> Manifest:
+        """The signature is checked before a single chunk is fetched."""
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            (staging / "manifest.json").write_bytes(base64.b64decode(dep.manifest_b64))
+            if dep.signature_b64:
+                (staging / "manifest.sig").write_bytes(base64.b64decode(dep.signature_b64))
+        except (binascii.Error, ValueError) as exc:
+            raise RequestError(f"manifest or signature is not valid base64: {exc}") from exc
+        manifest, _ = verify_manifest(staging, trusted_keys=self.store.trusted_keys,
+                                      require_signed=self.store.require_signed)
+        if (manifest.name, manifest.version) != (dep.name, dep.version):
+            raise RequestError(f"descriptor says {dep.name} {dep.version}, the signed manifest "
+                               f"says {manifest.name} {manifest.version}")
+        if sum(size for _, size in dep.chunks) != manifest.size:
+            raise RequestError("the chunk list does not add up to the manifest's size")
+        return manifest
+
+    def _begin(self, dep: Deployment) -> None:
+        with self._lock:
+            self.active[dep.id] = dep
+            dep.missing = [sha for sha in dep.missing if not self.chunks.has(sha)]
+            for sha in dep.missing:
+                self._wanted.setdefault(sha, set()).add(dep.id)
+        self._state(dep, "downloading", self._progress(dep))
+        if not dep.missing:
+            self._queue.put(_Complete(dep.id))  # type: ignore[arg-type]
+        self._refill()
+
+    def _refill(self) -> None:
+        """Keep WINDOW chunk subscriptions open."""
+        with self._lock:
+            room = WINDOW - len(self._subscribed)
+            if room <= 0:
+                return
+            todo = [sha for sha in self._wanted if sha not in self._subscribed][:room]
+            self._subscribed.update(todo)
+        if todo:
+            self.transport.subscribe([protocol.blob_topic(sha) for sha in todo])
+
+    # -- chunks (paho thread hands over; the worker stores) ----------------------------------
+
+    def wants(self, topic: str) -> bool:
+        return topic.startswith(protocol.BLOBS_PREFIX)
+
+    def receive(self, msg: Message) -> None:
+        try:
+            self._queue.put_nowait(msg)
+        except queue.Full:  # cannot happen with the window; not acknowledged: redelivered
+            log.warning("delivery queue full; chunk %s will come again", msg.topic)
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                if isinstance(item, _Complete):
+                    self._finish(item.deployment)
+                else:
+                    self._chunk(item)
+            except Exception:
+                log.exception("delivery step failed")
+
+    def _chunk(self, msg: Message) -> None:
+        sha = msg.topic[len(protocol.BLOBS_PREFIX):]
+        if not msg.payload:  # a cleared retained chunk: nothing to store
+            self.handled(msg)
+            return
+        with self._lock:
+            waiting = self._wanted.get(sha)
+        if waiting is None:
+            self.handled(msg)
+            return
+        if not self.chunks.put(sha, msg.payload):
+            log.error("chunk %s does not match its hash; it will be fetched again", sha[:12])
+            self.handled(msg)
+            self.transport.unsubscribe([protocol.blob_topic(sha)])
+            with self._lock:
+                self._subscribed.discard(sha)
+            self._refill()
+            return
+        self.handled(msg)
+        self.transport.unsubscribe([protocol.blob_topic(sha)])
+        finished = []
+        with self._lock:
+            self._subscribed.discard(sha)
+            for dep_id in self._wanted.pop(sha, set()):
+                dep = self.active.get(dep_id)
+                if dep is None:
+                    continue
+                dep.missing = [s for s in dep.missing if s != sha]
+                if not dep.missing:
+                    finished.append(dep_id)
+                elif len(dep.missing) % 8 == 0:
+                    self._state(dep, "downloading", self._progress(dep))
+        self._refill()
+        for dep_id in finished:
+            self._finish(dep_id)
+
+    def _progress(self, dep: Deployment) -> float:
+        missing = set(dep.missing)
+        got = sum(size for sha, size in dep.chunks if sha not in missing)
+        return round(got / dep.total_bytes, 4) if dep.total_bytes else 1.0
+
+    # -- verify, self-test, activate ---------------------------------------------------------
+
+    def _finish(self, dep_id: str) -> None:
+        dep = self.active.get(dep_id)
+        if dep is None:
+            return
+        staging = self.staging / dep.id
+        self._state(dep, "verifying", 1.0)
+        try:
+            manifest = self._check_manifest(dep, staging)
+            with open(staging / manifest.file, "wb") as fh:
+                for sha, _ in dep.chunks:
+                    fh.write(self.chunks.read(sha))
+                fh.flush()
+                os.fsync(fh.fileno())
+            package = self.store.verify(staging)  # size, sha256 and signature of the whole
+            model = self.inference.load(package)  # its own session: the old one keeps serving
+            self._self_test(model)
+        except (EdgefleetError, OSError, RequestError) as exc:
+            self._fail(dep, str(exc))
+            return
+        self._state(dep, "staged", 1.0)
+        installed = self.store.install(staging)
+        from device_agents.chunks import Chunk
+
+        offsets, offset = [], 0
+        for sha, size in dep.chunks:
+            offsets.append(Chunk(sha, offset, size))
+            offset += size
+        self.chunks.index_file(installed.path / manifest.file, offsets)
+        self.store.activate(dep.name, dep.version)
+        self.inference.activate(model, self.streams_of(dep.name))
+        self._forget(dep)
+        shutil.rmtree(staging, ignore_errors=True)
+        self._state(dep, "active", 1.0)
+        self.on_models_changed()
+        log.info("activated %s %s", dep.name, dep.version)
+        watcher = threading.Thread(target=self._watch_health, args=(dep, model), daemon=True,
+                                   name=f"edgefleet-health-{dep.name}")
+        watcher.start()
+        self._health.append(watcher)
+
+    def _self_test(self, model: Model) -> None:
+        """Run the schema's sample input; outputs must be finite and of the declared shape; a
+        model replacing another must take the same inputs (the streams routed to it send them)."""
+        current = next((m for m in self.inference.models() if m.name == model.name), None)
+        if current is not None and current.inputs != model.inputs:
+            raise RequestError(f"inputs {[s.describe() for s in model.inputs]} do not fit the "
+                               f"streams routed to {model.name}, which send "
+                               f"{[s.describe() for s in current.inputs]}")
+        outputs = model.run(model.sample_inputs())
+        for spec in model.outputs:
+            value = np.asarray(outputs[spec.name])
+            if not np.isfinite(value).all():
+                raise RequestError(f"self-test: output {spec.name} is not finite (NaN or Inf)")
+            if len(value.shape) != len(spec.shape) or any(
+                    isinstance(d, int) and d != v for d, v in zip(spec.shape, value.shape, strict=True)):
+                raise RequestError(f"self-test: output {spec.name} has shape {value.shape}, "
+                                   f"declared {spec.describe()}")
+
+    def _watch_health(self, dep: Deployment, model: Model) -> None:
+        """Roll back if the new version fails too often within its health window."""
+        start = model.metrics.snapshot()
+        deadline = time.monotonic() + dep.health_window_s
+        while time.monotonic() < deadline:
+            time.sleep(min(0.5, dep.health_window_s))
+            now = model.metrics.snapshot()
+            count, errors = now.count - start.count, now.errors - start.errors
+            if errors >= 3 and errors > dep.max_error_rate * max(count, 1):
+                reason = (f"health window: {errors} errors in {count} requests "
+                          f"(limit {dep.max_error_rate:.0%})")
+                self._rollback(dep, reason)
+                return
+        self._state(dep, "active", 1.0, healthy=True)
+
+    def _rollback(self, dep: Deployment, reason: str) -> None:
+        try:
+            previous = self.store.rollback(dep.name)
+            old = self.inference.load(self.store.verify(self.store.path(dep.name, previous)))
+            self.inference.activate(old, self.streams_of(dep.name))
+        except EdgefleetError as exc:
+            log.error("rollback of %s failed: %s", dep.name, exc)
+            self._state(dep, "failed", 1.0, error=f"{reason}; rollback failed: {exc}")
+            return
+        log.warning("rolled %s back to %s: %s", dep.name, previous, reason)
+        self._state(dep, "rolled_back", 1.0, error=reason, active_version=previous)
+        self.on_models_changed()
+
+    def _fail(self, dep: Deployment, reason: str) -> None:
+        log.warning("delivery of %s %s refused: %s", dep.name, dep.version, reason)
+        self._forget(dep)
+        shutil.rmtree(self.staging / dep.id, ignore_errors=True)
+        self._state(dep, "failed", self._progress(dep) if dep.chunks else 0.0, error=reason)
+
+    def _forget(self, dep: Deployment) -> None:
+        with self._lock:
+            self.active.pop(dep.id, None)
+            for sha in list(self._wanted):
+                self._wanted[sha].discard(dep.id)
+                if not self._wanted[sha]:
+                    del self._wanted[sha]
+            (self.dir / f"{dep.id}.json").unlink(missing_ok=True)
+
+    def _state(self, dep: Deployment, phase: str, progress: float, error: str | None = None,
+               **extra: Any) -> None:
+        dep.phase = phase
+        self.publish_state(dep.name, {"deployment": dep.id, "version": dep.version,
+                                      "phase": phase, "progress": progress, "error": error,
+                                      "ts": protocol.now(), **extra})
+
+
+@dataclass
+class _Complete:
+    deployment: str
+
+
+def _descriptor(args: dict[str, Any]) -> Deployment:
+    try:
+        chunks = [(str(sha), int(size)) for sha, size in args["chunks"]]
+        dep = Deployment(
+            id=str(args["deployment"]), name=str(args["name"]), version=str(args["version"]),
+            manifest_b64=str(args["manifest"]), signature_b64=args.get("signature"),
+            chunks=chunks, health_window_s=float(args.get("health_window_s", 30.0)),
+            max_error_rate=float(args.get("max_error_rate", 0.2)))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RequestError(f"deploy needs deployment, name, version, manifest and chunks "
+                           f"[[sha256, size], ...]: {exc!r}") from exc
+    if not protocol.NAME_RE.match(dep.id) or not all(
+            len(sha) == 64 and all(c in "0123456789abcdef" for c in sha) for sha, _ in chunks):
+        raise RequestError("bad deployment id or chunk sha256")
+    _ = hashlib  # chunk hashes are checked by ChunkStore.put
+    return dep

@@ -1,0 +1,1 @@
+"""The fleet side: operators' tools that talk to agents over the same MQTT broker."""

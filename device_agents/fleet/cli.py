@@ -1,0 +1,177 @@
+"""`edgefleet fleet ...`: deploy packages, roll back, and call devices over MQTT."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from device_agents.config import BrokerConfig, ConfigError, parse_broker_url
+
+
+def broker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--broker/--username/--password/--ca-file/--cert-file/--key-file, as every MQTT command."""
+    options = [
+        click.option("--broker", envvar="EDGEFLEET_BROKER", default="mqtt://127.0.0.1:1883",
+                     show_default=True, help="mqtt://host:port or mqtts://host:port "
+                     "(env EDGEFLEET_BROKER)."),
+        click.option("--username", help="MQTT username."),
+        click.option("--password", envvar="EDGEFLEET_PASSWORD", help="MQTT password "
+                     "(env EDGEFLEET_PASSWORD; prefer the variable to the flag)."),
+        click.option("--ca-file", type=click.Path(exists=True, dir_okay=False), help="CA bundle."),
+        click.option("--cert-file", type=click.Path(exists=True, dir_okay=False),
+                     help="Client certificate (PEM)."),
+        click.option("--key-file", type=click.Path(exists=True, dir_okay=False),
+                     help="Client key (PEM)."),
+    ]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, broker: str, username: str | None, password: str | None,
+                ca_file: str | None, cert_file: str | None, key_file: str | None,
+                **kwargs: Any) -> Any:
+        try:
+            parse_broker_url(broker)
+        except ValueError as exc:
+            raise ConfigError("--broker", [str(exc)]) from None
+        if password is not None:
+            os.environ["EDGEFLEET_PASSWORD"] = password  # read by the transport, never logged
+        config = BrokerConfig(url=broker, username=username,
+                              password_env="EDGEFLEET_PASSWORD" if password and username else None,
+                              ca_file=ca_file, cert_file=cert_file, key_file=key_file,
+                              session_expiry_s=0)
+        return fn(*args, broker_config=config, **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+@click.group()
+def fleet() -> None:
+    """Operate the fleet: deploy packages, roll back, call devices."""
+
+
+@fleet.command("deploy")
+@click.argument("package_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--device", "devices", multiple=True, help="Target device (repeatable).")
+@click.option("--group", help="Every device that announced this group.")
+@click.option("--canary", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Deploy to this many devices first; go on only if they end active and healthy.")
+@click.option("--timeout", type=float, default=600, show_default=True,
+              help="Seconds each wave may take.")
+@click.option("--health-window", type=float, default=30, show_default=True,
+              help="Seconds a new version must stay healthy before it counts as done.")
+@click.option("--max-error-rate", type=float, default=0.2, show_default=True,
+              help="Error rate in the health window that triggers an automatic rollback.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@broker_options
+def deploy_command(package_dir: Path, devices: tuple[str, ...], group: str | None, canary: int,
+                   timeout: float, health_window: float, max_error_rate: float, as_json: bool,
+                   broker_config: BrokerConfig) -> None:
+    """Deliver a package over MQTT and wait for every device's outcome (exit 0 only if every
+    target ends active).
+
+    \b
+    Example:
+      edgefleet fleet deploy models/digits-v2 --group plant-a --canary 1 --timeout 300
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn
+    from rich.table import Table
+
+    from device_agents.fleet.client import FleetClient, FleetError
+    from device_agents.fleet.deploy import Outcome, deploy, plan, resolve_targets
+
+    if bool(devices) == bool(group):
+        raise FleetError("give --device ID (repeatable) or --group G")
+    the_plan = plan(package_dir, health_window, max_error_rate)
+    err = Console(stderr=True)
+    with FleetClient(broker_config, "deploy") as client:
+        targets = resolve_targets(client, devices, group)
+        if not as_json:
+            err.print(f"deploying {the_plan.name} {the_plan.version} "
+                      f"({the_plan.total_bytes / 1e6:.2f} MB, {len(the_plan.chunks)} chunks) to "
+                      f"{len(targets)} device(s)" + (f", {canary} canary first" if canary else ""))
+        with Progress(TextColumn("{task.description:<24}"), BarColumn(),
+                      TextColumn("{task.percentage:>3.0f}% {task.fields[phase]}"),
+                      console=err, disable=as_json) as progress:
+            tasks = {d: progress.add_task(d, total=1.0, phase="pending") for d in targets}
+
+            def update(out: Outcome) -> None:
+                progress.update(tasks[out.device], completed=out.progress,
+                                phase=out.phase + (" (healthy)" if out.healthy else ""))
+
+            outcomes = deploy(client, the_plan, targets, canary=canary, timeout=timeout,
+                              wait_healthy=health_window > 0, on_update=update)
+    ok = all(o.ok for o in outcomes)
+    if as_json:
+        click.echo(json.dumps({"name": the_plan.name, "version": the_plan.version, "ok": ok,
+                               "bytes": the_plan.total_bytes, "devices": [o.as_dict() for o in outcomes]}))
+    else:
+        table = Table(title=f"{the_plan.name} {the_plan.version}", title_justify="left")
+        for col in ("device", "phase", "healthy", "sent", "seconds", "error"):
+            table.add_column(col)
+        for o in outcomes:
+            table.add_row(o.device, o.phase, "yes" if o.healthy else "-",
+                          f"{o.need_bytes / 1e3:.0f} kB", f"{o.seconds:.1f}", o.error or "")
+        Console().print(table)
+    sys.exit(0 if ok else 1)
+
+
+@fleet.command("rollback")
+@click.option("--device", required=True, help="The device.")
+@click.option("--model", "model_name", required=True, help="The model to roll back.")
+@click.option("--timeout", type=float, default=30, show_default=True)
+@broker_options
+def rollback_command(device: str, model_name: str, timeout: float,
+                     broker_config: BrokerConfig) -> None:
+    """Ask a device to go back to the previous version of a model.
+
+    \b
+    Example:
+      edgefleet fleet rollback --device edge-001 --model digits
+    """
+    from device_agents.fleet.client import FleetClient
+
+    with FleetClient(broker_config, "rollback") as client:
+        response = client.request(device, "rollback", {"model": model_name}, timeout)
+    click.echo(json.dumps(response))
+    sys.exit(0 if response.get("status") == "ok" else 1)
+
+
+@fleet.command("call")
+@click.argument("device")
+@click.argument("command")
+@click.option("--arg", "args", multiple=True, help="k=v argument (repeatable; v may be JSON).")
+@click.option("--timeout", type=float, default=10, show_default=True)
+@broker_options
+def call_command(device: str, command: str, args: tuple[str, ...], timeout: float,
+                 broker_config: BrokerConfig) -> None:
+    """One request/response with a device; prints the response JSON.
+
+    \b
+    Example:
+      edgefleet fleet call edge-001 ping
+      edgefleet fleet call edge-001 rollback --arg model=digits
+    """
+    from device_agents.fleet.client import FleetClient, FleetError
+
+    payload: dict[str, Any] = {}
+    for item in args:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FleetError(f"--arg {item!r} is not k=v")
+        try:
+            payload[key] = json.loads(value)
+        except ValueError:
+            payload[key] = value
+    with FleetClient(broker_config, "call") as client:
+        response = client.request(device, command, payload, timeout)
+    click.echo(json.dumps(response))
+    sys.exit(0 if response.get("status") == "ok" else 1)

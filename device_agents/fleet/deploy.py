@@ -1,0 +1,167 @@
+"""`edgefleet fleet deploy`: deliver a package to devices over MQTT and wait for the outcome.
+
+Each device gets the signed manifest and the chunk list; it answers with the chunks it lacks; the
+union of those is published once, retained, on `edgefleet/v1/blobs/{sha256}`, so the broker fans
+it out and a device that drops off resumes from what it holds. Canary devices go first; the rest
+follow only when every canary is active and healthy. Retained chunks are cleared at the end.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from device_agents import protocol
+from device_agents.chunks import Chunk, chunk_bytes
+from device_agents.fleet.client import FleetClient, FleetError
+from runtime.package import load_package
+
+TERMINAL = {"failed", "rolled_back"}
+
+
+@dataclass
+class Outcome:
+    device: str
+    phase: str = "pending"
+    progress: float = 0.0
+    error: str | None = None
+    healthy: bool = False
+    need_bytes: int = 0
+    seconds: float = 0.0
+    done: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.phase == "active"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "phase": self.phase, "ok": self.ok, "healthy": self.healthy,
+                "progress": self.progress, "need_bytes": self.need_bytes,
+                "seconds": round(self.seconds, 2), "error": self.error}
+
+
+@dataclass
+class Plan:
+    package: Path
+    name: str
+    version: str
+    descriptor: dict[str, Any]
+    chunks: list[Chunk]
+    data: bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return len(self.data)
+
+
+def plan(package_dir: Path, health_window_s: float, max_error_rate: float) -> Plan:
+    """Read and check the package, chunk its model file, build the deploy request."""
+    pkg = load_package(package_dir)  # hash checked here; the device checks the signature
+    data = pkg.model_path.read_bytes()
+    chunks = chunk_bytes(data)
+    sig = package_dir / "manifest.sig"
+    deployment = f"{pkg.manifest.name}-{pkg.manifest.version}-{uuid.uuid4().hex[:8]}"
+    descriptor = {
+        "deployment": deployment, "name": pkg.manifest.name, "version": pkg.manifest.version,
+        "manifest": base64.b64encode(pkg.manifest_bytes).decode(),
+        "signature": base64.b64encode(sig.read_bytes()).decode() if sig.exists() else None,
+        "sha256": pkg.manifest.sha256, "size": pkg.manifest.size,
+        "chunks": [[c.sha256, c.size] for c in chunks],
+        "health_window_s": health_window_s, "max_error_rate": max_error_rate,
+    }
+    return Plan(package_dir, pkg.manifest.name, pkg.manifest.version, descriptor, chunks, data)
+
+
+def deploy(client: FleetClient, the_plan: Plan, devices: list[str], *, canary: int = 0,
+           timeout: float = 600.0, wait_healthy: bool = True,
+           on_update: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+    """Deliver to canaries first, then to the rest; returns one Outcome per device."""
+    outcomes = {d: Outcome(d) for d in devices}
+    waves = [devices[:canary], devices[canary:]] if 0 < canary < len(devices) else [devices]
+    by_sha = {c.sha256: c for c in the_plan.chunks}
+    published: set[str] = set()
+    deployment = the_plan.descriptor["deployment"]
+
+    def on_state(topic: str, doc: Any) -> None:
+        device = topic.split("/")[2]
+        out = outcomes.get(device)
+        if out is None or not isinstance(doc, dict) or doc.get("deployment") != deployment:
+            return
+        out.phase, out.progress = str(doc.get("phase")), float(doc.get("progress") or 0)
+        out.error = doc.get("error")
+        out.healthy = bool(doc.get("healthy"))
+        if out.phase in TERMINAL or (out.phase == "active" and (out.healthy or not wait_healthy)):
+            out.done.set()
+        if on_update is not None:
+            on_update(out)
+
+    for device in devices:
+        topic = protocol.Topics(device).model_state(the_plan.name)
+        client.listen(topic, topic, on_state)
+    try:
+        for i, wave in enumerate(waves):
+            started = time.monotonic()
+            for device in wave:
+                _start(client, the_plan, outcomes[device], by_sha, published, on_update)
+            deadline = started + timeout
+            for device in wave:
+                out = outcomes[device]
+                if not out.done.wait(max(0.0, deadline - time.monotonic())):
+                    out.error = out.error or f"no outcome within {timeout:g} s (last phase {out.phase})"
+                    if out.phase == "active":
+                        out.error = "active, but its health window did not end in time"
+                out.seconds = time.monotonic() - started
+            if i == 0 and len(waves) > 1 and not all(outcomes[d].ok for d in wave):
+                for device in waves[1]:
+                    outcomes[device].phase = "skipped"
+                    outcomes[device].error = "not attempted: a canary device failed"
+                break
+    finally:
+        for sha in published:  # clear the retained chunks: the broker need not keep them
+            client.publish(protocol.blob_topic(sha), b"", retain=True)
+        client.flush(30)
+    return [outcomes[d] for d in devices]
+
+
+def _start(client: FleetClient, the_plan: Plan, out: Outcome, by_sha: dict[str, Chunk],
+           published: set[str], on_update: Callable[[Outcome], None] | None) -> None:
+    try:
+        response = client.request(out.device, "deploy", the_plan.descriptor, timeout=30)
+    except FleetError as exc:
+        out.phase, out.error = "failed", str(exc)
+        out.done.set()
+        return
+    if response.get("status") != "ok":
+        out.phase, out.error = "failed", str(response.get("error"))
+        out.done.set()
+        if on_update is not None:
+            on_update(out)
+        return
+    data = response.get("data") or {}
+    out.need_bytes = int(data.get("need_bytes", 0))
+    for sha in data.get("need", []):
+        chunk = by_sha.get(sha)
+        if chunk is None or sha in published:
+            continue
+        client.publish(protocol.blob_topic(sha),
+                       the_plan.data[chunk.offset:chunk.offset + chunk.size], retain=True)
+        published.add(sha)
+    if not client.flush(120):
+        raise FleetError("the broker did not acknowledge the chunks within 120 s")
+
+
+def resolve_targets(client: FleetClient, devices: tuple[str, ...], group: str | None) -> list[str]:
+    if devices:
+        return list(dict.fromkeys(devices))
+    statuses = client.devices()
+    found = sorted(d for d, s in statuses.items() if group in (s.get("groups") or []))
+    if not found:
+        raise FleetError(f"no device has announced group {group!r} (seen: "
+                         f"{', '.join(sorted(statuses)) or 'none'})")
+    return found

@@ -1,0 +1,277 @@
+"""Model delivery through a real Mosquitto: hot swap while streaming, refusals, automatic
+rollback, resume after a cut link and after `kill -9`, deltas, canaries, groups."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from device_agents.chunks import chunk_file
+from device_agents.linkem import LinkEmulator
+from runtime.package import write_package
+from runtime.signing import load_private_key
+from tests.device_agents.conftest import Bench
+from tests.support.agent import AgentProcess, Peer, wait_for_status
+from tests.support.mosquitto import Mosquitto
+from tests.support.onnx_models import image_mlp, linear_model
+
+LABELS = [str(i) for i in range(10)]
+
+
+@pytest.fixture(scope="session")
+def mlp(tmp_path_factory: pytest.TempPathFactory, keys_dir: Path, other_keys_dir: Path
+        ) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("mlp")
+    key = load_private_key(keys_dir / "fleet.key")
+    other = load_private_key(other_keys_dir / "fleet.key")
+
+    def pkg(name: str, version: str, model: Path | bytes, sign: Any = key) -> Path:
+        return write_package(root / name, model, name="mlp", version=version, labels=LABELS,
+                             postprocess="softmax", sign_key=sign).path
+
+    def garbage() -> Path:
+        """Signed, hashes right, but the model file is not ONNX."""
+        path = pkg("garbage", "7", image_mlp(root / "g.onnx", seed=7))
+        junk = b"this is not an onnx model" * 4000
+        (path / "model.onnx").write_bytes(junk)
+        doc = json.loads((path / "manifest.json").read_text())
+        doc.update(sha256=hashlib.sha256(junk).hexdigest(), size=len(junk))
+        raw = json.dumps(doc).encode()
+        (path / "manifest.json").write_bytes(raw)
+        (path / "manifest.sig").write_bytes(key.sign(raw))
+        return path
+
+    return {
+        "garbage": garbage(),
+        "v1": pkg("v1", "1", image_mlp(root / "v1.onnx", seed=0)),
+        "v2_head": pkg("v2-head", "2", image_mlp(root / "v2.onnx", seed=0, head_seed=1)),
+        "v3_full": pkg("v3-full", "3", image_mlp(root / "v3.onnx", seed=3)),
+        "nan": pkg("nan", "4", image_mlp(root / "nan.onnx", nan_on_real_input=True)),
+        "nan_always": pkg("nan-always", "9", image_mlp(root / "nan9.onnx", nan_always=True)),
+        "unsigned": pkg("unsigned", "5", image_mlp(root / "u.onnx", seed=5), sign=None),
+        "wrong_key": pkg("wrong-key", "6", image_mlp(root / "w.onnx", seed=6), sign=other),
+        "wrong_schema": pkg("wrong-schema", "8", linear_model(root / "lin.onnx", in_dim=4)),
+    }
+
+
+@pytest.fixture
+def mlp_bench(tmp_path: Path, broker: Mosquitto, mlp: dict[str, Path], keys_dir: Path):  # type: ignore[no-untyped-def]
+    b = Bench(tmp_path, broker, mlp["v1"], [keys_dir / "fleet.pub"])
+    yield b
+    b.close()
+
+
+def fleet_deploy(broker_url: str, package: Path, *targets: str, timeout: float = 90,
+                 extra: tuple[str, ...] = ()) -> tuple[int, dict[str, Any]]:
+    args = [a for t in targets for a in (("--group", t[6:]) if t.startswith("group:") else
+                                         ("--device", t))]
+    out = subprocess.run([sys.executable, "-m", "edgefleet.cli", "fleet", "deploy", str(package),
+                          *args, "--broker", broker_url, "--health-window", "1",
+                          "--timeout", str(timeout), "--json", *extra],
+                         capture_output=True, text=True, timeout=timeout * 3)
+    assert out.stdout, out.stderr
+    return out.returncode, json.loads(out.stdout)
+
+
+def image(i: int) -> list[Any]:
+    rng = np.random.default_rng(i)
+    return (rng.integers(0, 17, size=(1, 8, 8))).astype(float).tolist()
+
+
+def test_deploy_hot_swaps_while_a_sensor_streams(mlp_bench: Bench, mlp: dict[str, Path]) -> None:
+    watcher = mlp_bench.peer()
+    sensor = mlp_bench.peer(subscribe=[])
+    mlp_bench.agent()
+    wait_for_status(watcher, "online")
+    n = 400
+    stop = threading.Event()
+
+    def stream() -> None:
+        for i in range(n):
+            sensor.send("cam", {"id": i, "data": image(i)})
+            time.sleep(0.01)
+        stop.set()
+
+    sender = threading.Thread(target=stream)
+    sender.start()
+    time.sleep(1)
+    code, outcome = fleet_deploy(mlp_bench.broker.url, mlp["v3_full"], mlp_bench.device_id)
+    sender.join()
+    assert code == 0, outcome
+    assert outcome["devices"][0]["phase"] == "active"
+    assert outcome["devices"][0]["healthy"] is True
+    results = watcher.drain("/out/cam", set(range(n)), timeout=60)
+    versions = {doc["model"]["version"] for docs in results.values() for doc in docs}
+    assert versions == {"1", "3"}, versions  # zero lost, some served by each version
+    birth = wait_for_status(mlp_bench.peer(), "online")
+    assert birth["models"][0]["version"] == "3"
+
+
+@pytest.mark.parametrize(("package", "reason"), [
+    ("unsigned", "not signed"),
+    ("wrong_key", "not trusted"),
+    ("garbage", "onnxruntime cannot load"),
+    ("wrong_schema", "do not fit the streams"),
+    ("nan_always", "not finite"),
+])
+def test_refused_packages_leave_the_old_version_serving(mlp_bench: Bench, mlp: dict[str, Path],
+                                                        package: str, reason: str) -> None:
+    watcher = mlp_bench.peer()
+    mlp_bench.agent()
+    wait_for_status(watcher, "online")
+    code, outcome = fleet_deploy(mlp_bench.broker.url, mlp[package], mlp_bench.device_id)
+    assert code == 1
+    device = outcome["devices"][0]
+    assert device["phase"] == "failed"
+    assert reason in device["error"], device["error"]
+    watcher.send("cam", {"id": "after", "data": image(1)})
+    result = watcher.collect("/out/cam", 1)[0]
+    assert result["model"]["version"] == "1"
+
+
+def test_automatic_rollback_on_nan_outputs(mlp_bench: Bench, mlp: dict[str, Path]) -> None:
+    watcher = mlp_bench.peer()
+    sensor = mlp_bench.peer(subscribe=[])
+    mlp_bench.agent()
+    wait_for_status(watcher, "online")
+    stop = threading.Event()
+
+    def stream() -> None:
+        i = 0
+        while not stop.is_set():
+            sensor.send("cam", {"id": i, "data": image(i)})
+            i += 1
+            time.sleep(0.02)
+
+    sender = threading.Thread(target=stream)
+    sender.start()
+    try:
+        code, outcome = fleet_deploy(mlp_bench.broker.url, mlp["nan"], mlp_bench.device_id,
+                                     extra=("--health-window", "5"))
+    finally:
+        stop.set()
+        sender.join()
+    assert code == 1
+    device = outcome["devices"][0]
+    assert device["phase"] == "rolled_back", device
+    assert "health window" in device["error"]
+    watcher.send("cam", {"id": "after", "data": image(2)})
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        result = watcher.collect("/out/cam", 1)[0]
+        if result["id"] == "after":
+            assert result["model"]["version"] == "1"
+            break
+
+
+def test_head_only_update_sends_only_the_changed_chunks(mlp: dict[str, Path]) -> None:
+    old = {c.sha256 for c in chunk_file(mlp["v1"] / "model.onnx")}
+    new = chunk_file(mlp["v2_head"] / "model.onnx")
+    changed = sum(c.size for c in new if c.sha256 not in old)
+    assert changed <= 0.10 * sum(c.size for c in new), changed
+
+
+def test_delta_deploy_reports_only_missing_bytes(mlp_bench: Bench, mlp: dict[str, Path]) -> None:
+    watcher = mlp_bench.peer()
+    mlp_bench.agent()
+    wait_for_status(watcher, "online")
+    code, outcome = fleet_deploy(mlp_bench.broker.url, mlp["v2_head"], mlp_bench.device_id)
+    assert code == 0, outcome
+    size = (mlp["v2_head"] / "model.onnx").stat().st_size
+    assert 0 < outcome["devices"][0]["need_bytes"] <= 0.10 * size
+
+
+def _slow_link_bench(mlp_bench: Bench, link: LinkEmulator) -> tuple[Peer, AgentProcess]:
+    host, port = link.address
+    mlp_bench.write(broker_url=f"mqtt://{host}:{port}")
+    watcher = mlp_bench.peer()
+    agent = mlp_bench.agent()
+    wait_for_status(watcher, "online")
+    return watcher, agent
+
+
+def _deploy_in_background(mlp_bench: Bench, package: Path) -> tuple[threading.Thread, list[Any]]:
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(
+        fleet_deploy(mlp_bench.broker.url, package, mlp_bench.device_id, timeout=120)))
+    thread.start()
+    return thread, result
+
+
+def _wait_progress(watcher: Peer, device: str, at_least: float, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for doc in watcher.collect("/state", 1, timeout=deadline - time.monotonic()):
+            if doc.get("phase") == "downloading" and doc.get("progress", 0) >= at_least:
+                return
+    raise TimeoutError("the download never got going")
+
+
+def test_resume_after_the_link_is_cut_mid_transfer(mlp_bench: Bench, mlp: dict[str, Path]) -> None:
+    size = (mlp["v3_full"] / "model.onnx").stat().st_size
+    with LinkEmulator((mlp_bench.broker.host, mlp_bench.broker.port), "lte", down_mbps=2.0,
+                      seed=3) as link:
+        watcher, _ = _slow_link_bench(mlp_bench, link)
+        before = link.stats().bytes_down
+        thread, result = _deploy_in_background(mlp_bench, mlp["v3_full"])
+        _wait_progress(watcher, mlp_bench.device_id, 0.3)
+        link.cut("reset")
+        time.sleep(2)
+        link.restore()
+        thread.join()
+        sent = link.stats().bytes_down - before
+    code, outcome = result[0]
+    assert code == 0, outcome
+    assert sent <= 1.2 * size, f"{sent} bytes down for a {size}-byte model: it started over"
+
+
+def test_resume_after_kill_9_mid_transfer(mlp_bench: Bench, mlp: dict[str, Path]) -> None:
+    size = (mlp["v3_full"] / "model.onnx").stat().st_size
+    with LinkEmulator((mlp_bench.broker.host, mlp_bench.broker.port), "lte", down_mbps=2.0,
+                      seed=4) as link:
+        watcher, agent = _slow_link_bench(mlp_bench, link)
+        before = link.stats().bytes_down
+        thread, result = _deploy_in_background(mlp_bench, mlp["v3_full"])
+        _wait_progress(watcher, mlp_bench.device_id, 0.3)
+        agent.stop(kill=True)
+        mlp_bench.agent()
+        thread.join()
+        sent = link.stats().bytes_down - before
+    code, outcome = result[0]
+    assert code == 0, outcome
+    assert sent <= 1.3 * size, f"{sent} bytes down for a {size}-byte model: it started over"
+
+
+def test_canary_failure_stops_the_rollout_and_group_deploy(tmp_path: Path, broker: Mosquitto,
+                                                           mlp: dict[str, Path], keys_dir: Path) -> None:
+    benches = [Bench(tmp_path / f"d{i}", broker, mlp["v1"], [keys_dir / "fleet.pub"])
+               for i in range(2)]
+    group = f"g-{benches[0].device_id}"
+    try:
+        for b in benches:
+            b.config.write_text(b.config.read_text().replace('groups = ["test"]',
+                                                             f'groups = ["{group}"]'))
+            watcher = b.peer()
+            b.agent()
+            wait_for_status(watcher, "online")
+        code, outcome = fleet_deploy(broker.url, mlp["garbage"], f"group:{group}",
+                                     extra=("--canary", "1"))
+        assert code == 1
+        phases = [d["phase"] for d in outcome["devices"]]
+        assert phases == ["failed", "skipped"], outcome
+        code, outcome = fleet_deploy(broker.url, mlp["v2_head"], f"group:{group}",
+                                     extra=("--canary", "1"))
+        assert code == 0, outcome
+        assert [d["phase"] for d in outcome["devices"]] == ["active", "active"]
+    finally:
+        for b in benches:
+            b.close()
