@@ -46,11 +46,17 @@ PUBLISH_WINDOW = 64  # results handed to paho and not yet acknowledged by the br
 
 class AckSequencer:
     """Acknowledges QoS 1 messages in the order they arrived (MQTT requires it), as each one's
-    answer becomes durable, whatever order that happens in."""
+    answer becomes durable, whatever order that happens in.
+
+    `register` runs on paho's network thread, inside its callback; `done` calls into paho. So the
+    lock `register` takes is never held while calling paho (that would deadlock against paho's
+    own locks); a second lock, which the network thread never takes, keeps the sends in order.
+    """
 
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self._order: dict[int, list[Any]] = {}  # token -> [mid, qos, generation, done]
         self._tokens = itertools.count()
         self._next = 0
@@ -62,14 +68,17 @@ class AckSequencer:
             return token
 
     def done(self, token: int) -> None:
-        with self._lock:
-            entry = self._order.get(token)
-            if entry is None:
-                return
-            entry[3] = True
-            while self._next in self._order and self._order[self._next][3]:
-                mid, qos, generation, _ = self._order.pop(self._next)
-                self._next += 1
+        with self._send_lock:
+            ready = []
+            with self._lock:
+                entry = self._order.get(token)
+                if entry is None:
+                    return
+                entry[3] = True
+                while self._next in self._order and self._order[self._next][3]:
+                    ready.append(self._order.pop(self._next))
+                    self._next += 1
+            for mid, qos, generation, _ in ready:
                 self.transport.ack(mid, qos, generation)
 
     def reset(self) -> None:
@@ -411,7 +420,7 @@ class Agent:
             room = PUBLISH_WINDOW - len(inflight)
             if room <= 0:
                 continue
-            for row in self.outbox.peek(last, room):
+            for row in self.outbox.take(last, room):
                 sent = self.uplink.publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
                 if sent is None:
                     break

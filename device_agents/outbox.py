@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+from collections import deque
 import sqlite3
 import threading
 import time
@@ -80,6 +81,10 @@ class Outbox:
         self.dropped_by: dict[str, int] = dict(
             self._db.execute("SELECT name, value FROM counters").fetchall())
         self._last_id = int(self._db.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()[0])
+        # rows just committed, for a publisher that keeps up (see take); bounded: past this it
+        # reads the backlog from the database instead
+        self._fresh: deque[Row] = deque(maxlen=8192)
+        self._sizes: dict[int, int] = {}  # row id -> counted size, for rows committed here
         self.write_errors = 0
         # Only the writer thread uses _db; readers (the publisher, telemetry) have their own
         # connection, which WAL lets read while the writer commits.
@@ -107,6 +112,22 @@ class Outbox:
     def ack(self, row_id: int) -> None:
         """The broker acknowledged this row: it may go."""
         self._queue.put(("ack", row_id))
+
+    def take(self, after_id: int, limit: int) -> list[Row]:
+        """The next rows after `after_id`: from memory when the caller keeps up with the writer
+        (rows committed since it last asked), else from the database (a backlog, a restart)."""
+        fresh = self._fresh
+        while fresh and fresh[0].id <= after_id:
+            fresh.popleft()
+        if fresh and fresh[0].id == after_id + 1:
+            out: list[Row] = []
+            cutoff = time.time() - self.ttl_s
+            while fresh and len(out) < limit:
+                row = fresh.popleft()
+                if row.created >= cutoff:  # an expired row is the writer's to drop and count
+                    out.append(row)
+            return out
+        return self.peek(after_id, limit)
 
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Wait until everything put so far is committed (or refused)."""
@@ -178,6 +199,8 @@ class Outbox:
         acks: list[int] = [item for kind, item in batch if kind == "ack"]
         callbacks: list[tuple[Durable, bool]] = []
         # the writer thread alone touches _db and the counters: no lock
+        self._next_id = self._last_id + 1
+        self._pending_rows: list[Row] = []
         try:
             self._db.execute("BEGIN IMMEDIATE")
             if acks:
@@ -186,13 +209,16 @@ class Outbox:
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback(exc)
+            for row in self._pending_rows:
+                self._sizes.pop(row.id, None)
             stored = 0
             callbacks = [(put[5], False) for put in puts if put[5] is not None]
             self.write_errors += len(puts)
             self._recount()
         else:
             if stored:
-                self._last_id = int(self._db.execute("SELECT max(id) FROM outbox").fetchone()[0] or 0)
+                self._last_id = self._next_id - 1
+                self._fresh.extend(self._pending_rows)
         for cb, ok in callbacks:
             try:
                 cb(ok)
@@ -205,6 +231,12 @@ class Outbox:
             self.on_commit()
 
     def _delete(self, ids: list[int]) -> None:
+        known = [i for i in ids if i in self._sizes]  # committed by this process: sizes known
+        if len(known) == len(ids):
+            self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+            self._depth -= len(ids)
+            self._bytes -= sum(self._sizes.pop(i) for i in ids)
+            return
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
             marks = ",".join("?" * len(chunk))
@@ -214,6 +246,8 @@ class Outbox:
             self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk)
             self._depth -= depth
             self._bytes -= size
+            for row_id in chunk:
+                self._sizes.pop(row_id, None)
 
     def _insert(self, puts: list[_Put], callbacks: list[tuple[Durable, bool]]) -> int:
         rows: list[tuple[str, bytes, int, int, float, int]] = []
@@ -237,8 +271,15 @@ class Outbox:
 
     def _write_rows(self, rows: list[tuple[str, bytes, int, int, float, int]]) -> int:
         if rows:
-            self._db.executemany("INSERT INTO outbox (topic, payload, qos, retain, created, size) "
-                                 "VALUES (?, ?, ?, ?, ?, ?)", rows)
+            first = self._next_id
+            self._db.executemany("INSERT INTO outbox (id, topic, payload, qos, retain, created, "
+                                 "size) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                 [(first + i, *row) for i, row in enumerate(rows)])
+            self._next_id += len(rows)
+            self._pending_rows += [Row(first + i, r[0], r[1], r[2], bool(r[3]), r[4])
+                                   for i, r in enumerate(rows)]
+            for i, r in enumerate(rows):
+                self._sizes[first + i] = r[5]
         return len(rows)
 
     def _make_room(self, size: int) -> bool:
@@ -247,13 +288,14 @@ class Outbox:
             return False
         while self._bytes + size > self.max_bytes and self._depth > 0:
             n = max(1, self._depth // 100)
-            depth, freed = self._db.execute(
-                "SELECT count(*), coalesce(sum(size), 0) FROM (SELECT size FROM outbox "
-                "ORDER BY id LIMIT ?)", (n,)).fetchone()
-            self._db.execute("DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id "
-                             "LIMIT ?)", (n,))
-            if not depth:
+            victims = self._db.execute("SELECT id, size FROM outbox ORDER BY id LIMIT ?",
+                                       (n,)).fetchall()
+            if not victims:
                 break
+            self._db.executemany("DELETE FROM outbox WHERE id = ?", [(v[0],) for v in victims])
+            for row_id, _ in victims:
+                self._sizes.pop(row_id, None)
+            depth, freed = len(victims), sum(v[1] for v in victims)
             self._depth -= depth
             self._bytes -= freed
             self._count("dropped_oldest", depth)
@@ -263,11 +305,13 @@ class Outbox:
         cutoff = time.time() - self.ttl_s
         try:
             self._db.execute("BEGIN IMMEDIATE")
-            depth, size = self._db.execute(
-                "SELECT count(*), coalesce(sum(size), 0) FROM outbox WHERE created < ?",
-                (cutoff,)).fetchone()
+            victims = self._db.execute("SELECT id, size FROM outbox WHERE created < ?",
+                                       (cutoff,)).fetchall()
+            depth, size = len(victims), sum(v[1] for v in victims)
             if depth:
                 self._db.execute("DELETE FROM outbox WHERE created < ?", (cutoff,))
+                for row_id, _ in victims:
+                    self._sizes.pop(row_id, None)
                 self._depth -= depth
                 self._bytes -= size
                 self._count("expired", depth)
