@@ -15,10 +15,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-from collections import deque
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
