@@ -92,6 +92,9 @@ class Transport:
         self.broker = broker
         self.client_id = client_id
         self.subscriptions = list(subscriptions)
+        self._subscribe_later: set[str] = set()  # changes made while disconnected
+        self._unsubscribe_later: set[str] = set()
+        self._sub_lock = threading.Lock()
         self.backoff = backoff or Backoff()
         self.generation = 0
         self.connects = 0
@@ -164,18 +167,30 @@ class Transport:
             self._client.ack(mid, qos)
 
     def subscribe(self, topics: list[str]) -> None:
-        """Subscribe now (if connected) and again after every reconnect."""
-        new = [t for t in topics if t not in self.subscriptions]
-        self.subscriptions += new
-        if new and self.connected:
-            self._client.subscribe([(t, 1) for t in new])
+        """Subscribe now, or at the next connect if the link is down."""
+        with self._sub_lock:
+            new = [t for t in topics if t not in self.subscriptions]
+            self.subscriptions += new
+            self._unsubscribe_later.difference_update(new)
+            if not new:
+                return
+            if not self.connected:
+                self._subscribe_later.update(new)
+                return
+        self._client.subscribe([(t, 1) for t in new])
 
     def unsubscribe(self, topics: list[str]) -> None:
-        gone = [t for t in topics if t in self.subscriptions]
-        for t in gone:
-            self.subscriptions.remove(t)
-        if gone and self.connected:
-            self._client.unsubscribe(gone)
+        with self._sub_lock:
+            gone = [t for t in topics if t in self.subscriptions]
+            for t in gone:
+                self.subscriptions.remove(t)
+            self._subscribe_later.difference_update(gone)
+            if not gone:
+                return
+            if not self.connected:
+                self._unsubscribe_later.update(gone)
+                return
+        self._client.unsubscribe(gone)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Disconnect cleanly (no Last Will) and stop the network thread."""
@@ -233,10 +248,22 @@ class Transport:
         self.connects += 1
         self.backoff.reset()
         self.last_error = None
-        subscriptions = list(self.subscriptions)
-        for i in range(0, len(subscriptions), 100):
-            client.subscribe([(topic, 1) for topic in subscriptions[i:i + 100]])
-        self._connected.set()
+        # A new session: subscribe to everything. A resumed one still has its subscriptions and
+        # the broker redelivers what was not acknowledged; subscribing again would also resend
+        # every retained message (model chunks) a second time. Only the changes made while the
+        # link was down are sent.
+        with self._sub_lock:
+            if flags.session_present:
+                subscribe, unsubscribe = list(self._subscribe_later), list(self._unsubscribe_later)
+            else:
+                subscribe, unsubscribe = list(self.subscriptions), []
+            self._subscribe_later.clear()
+            self._unsubscribe_later.clear()
+            self._connected.set()  # under the lock: a subscribe from now on is sent directly
+        for i in range(0, len(subscribe), 100):
+            client.subscribe([(topic, 1) for topic in subscribe[i:i + 100]])
+        if unsubscribe:
+            client.unsubscribe(unsubscribe)
         log.info("connected to %s (session present: %s)", self.broker.url, flags.session_present)
         if self._on_connect is not None:
             self._on_connect(bool(flags.session_present))
