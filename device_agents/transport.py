@@ -95,6 +95,8 @@ class Transport:
         self._subscribe_later: set[str] = set()  # changes made while disconnected
         self._unsubscribe_later: set[str] = set()
         self._sub_lock = threading.Lock()
+        self._unconfirmed: dict[int, list[str]] = {}  # SUBSCRIBE mid -> topics, until SUBACK
+        self._early_subacks: set[int] = set()
         self.backoff = backoff or Backoff()
         self.generation = 0
         self.connects = 0
@@ -127,6 +129,7 @@ class Transport:
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
+        client.on_subscribe = self._handle_subscribe
         client.on_socket_open = _no_delay
         self._client = client
 
@@ -177,7 +180,21 @@ class Transport:
             if not self.connected:
                 self._subscribe_later.update(new)
                 return
-        self._client.subscribe([(t, 1) for t in new])
+        self._send_subscribe(new)
+
+    def _send_subscribe(self, topics: list[str]) -> None:
+        """SUBSCRIBE, remembered until its SUBACK: one lost with a dying connection (sent into a
+        dead link before keepalive noticed) is sent again after the reconnect."""
+        for i in range(0, len(topics), 100):
+            part = topics[i:i + 100]
+            _, mid = self._client.subscribe([(t, 1) for t in part])  # never under _sub_lock
+            if mid is None:
+                continue
+            with self._sub_lock:
+                if mid in self._early_subacks:  # the SUBACK beat us here
+                    self._early_subacks.discard(mid)
+                else:
+                    self._unconfirmed[mid] = part
 
     def unsubscribe(self, topics: list[str]) -> None:
         with self._sub_lock:
@@ -254,14 +271,19 @@ class Transport:
         # link was down are sent.
         with self._sub_lock:
             if flags.session_present:
-                subscribe, unsubscribe = list(self._subscribe_later), list(self._unsubscribe_later)
+                unconfirmed = {t for topics in self._unconfirmed.values() for t in topics}
+                subscribe = [t for t in self.subscriptions
+                             if t in self._subscribe_later or t in unconfirmed]
+                unsubscribe = list(self._unsubscribe_later)
             else:
                 subscribe, unsubscribe = list(self.subscriptions), []
+            self._unconfirmed.clear()
+            self._early_subacks.clear()
             self._subscribe_later.clear()
             self._unsubscribe_later.clear()
             self._connected.set()  # under the lock: a subscribe from now on is sent directly
-        for i in range(0, len(subscribe), 100):
-            client.subscribe([(topic, 1) for topic in subscribe[i:i + 100]])
+        if subscribe:
+            self._send_subscribe(subscribe)
         if unsubscribe:
             client.unsubscribe(unsubscribe)
         log.info("connected to %s (session present: %s)", self.broker.url, flags.session_present)
@@ -285,6 +307,12 @@ class Transport:
         self._on_message(Message(
             msg.topic, bytes(msg.payload), msg.qos, msg.mid, self.generation,
             getattr(props, "ResponseTopic", None), getattr(props, "CorrelationData", None)))
+
+    def _handle_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any,
+                          properties: Any) -> None:
+        with self._sub_lock:
+            if self._unconfirmed.pop(mid, None) is None:
+                self._early_subacks.add(mid)
 
     def _handle_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
                         properties: Any) -> None:

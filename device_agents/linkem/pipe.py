@@ -176,6 +176,9 @@ class Pipe:
         self._timer = None
         if self.dst is None or self.gate.blackholed:
             return
+        if self.dst.is_closing():  # the far side is gone: what is held has nowhere to go
+            self.drop()
+            return
         now = self.loop.time() + TIMER_SLACK_S
         queue, dst = self._queue, self.dst
         while queue and queue[0][0] <= now and not self._dst_paused:
