@@ -187,11 +187,16 @@ class Model:
         for size in batches:
             feeds = self.sample_inputs(size)
             try:
+                started = time.perf_counter()
                 for _ in range(2):
                     self._run(self._output_names, feeds, None)
             except Exception as exc:
                 raise ModelLoadError(f"model {self.name} loads but fails on a zero input of batch "
                                      f"{size}: {_ort_message(exc)}") from exc
+            if time.perf_counter() - started > 0.04:
+                # a heavy model (over 20 ms a call): warming up bigger batches would take
+                # seconds of CPU from whatever else runs, for a first call that is rare anyway
+                break
 
     def _pick_threads(self, model_path: Path, batches: Sequence[int]) -> None:
         """Keep a single-threaded session when it is at least as fast at every warm-up batch.
@@ -200,6 +205,8 @@ class Model:
         the parallelism saves; large models (over ~2 ms a call) keep every allowed thread.
         """
         probe = [self.sample_inputs(b) for b in batches]
+        if _median_time(self._run, self._output_names, probe[0], n=5) > 0.002:
+            return  # a large model: it keeps its threads, and is not timed at every batch
         multi = [_median_time(self._run, self._output_names, f) for f in probe]
         if max(multi) > 0.002:
             return

@@ -186,6 +186,9 @@ class Pipe:
             if not piece:  # EOF
                 self._deliver_eof(dst)
                 return
+            if dst.is_closing():  # the write before this one found the peer gone
+                self.drop()
+                return
             dst.write(piece)
             self._held -= len(piece)
             self.delivered += len(piece)
