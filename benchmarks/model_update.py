@@ -142,13 +142,23 @@ def start_agent(work: Path, name: str, broker: Mosquitto, link: LinkEmulator, pa
     raise RuntimeError(f"agent {name} did not come online:\n{agent.logs()}")
 
 
+PHASES: dict[str, float] = {}  # phase -> seconds after the deploy started (first seen)
+
+
 def run_deploy(broker: Mosquitto, package: Path, device: str,
                on_update: Any = None) -> tuple[Outcome, float]:
     the_plan = plan(package, health_window_s=0, max_error_rate=0.5)
+    PHASES.clear()
     with FleetClient(BrokerConfig(url=broker.url, session_expiry_s=0), "bench") as client:
         start = time.perf_counter()
+
+        def update(out: Outcome) -> None:
+            PHASES.setdefault(out.phase, time.perf_counter() - start)
+            if on_update is not None:
+                on_update(out)
+
         outcome = deploy(client, the_plan, [device], timeout=600, wait_healthy=False,
-                         on_update=on_update)[0]
+                         on_update=update)[0]
     return outcome, time.perf_counter() - start
 
 
@@ -190,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                 f["full_bound_seconds"] = round(bound, 3)
                 f["full_vs_bound"] = round(seconds / bound, 3)
                 f["full_bytes_down"] = full_sent
+                f["full_transfer_seconds"] = round(PHASES.get("verifying", float("nan")), 3)
+                f["full_activation_seconds"] = round(seconds - PHASES.get("verifying", 0), 3)
                 before = link.stats().bytes_down
                 head, _ = run_deploy(broker, digits_v2, "edge-a")
                 head_sent = link.stats().bytes_down - before

@@ -44,12 +44,22 @@ class ModelStore:
         return load_package(directory, trusted_keys=self.trusted_keys,
                             require_signed=self.require_signed)
 
-    def install(self, directory: Path) -> Installed:
-        """Copy a verified package into the store (a no-op if that version is already there)."""
-        pkg = self.verify(directory)
+    def install(self, directory: Path, *, move: bool = False, verified: Package | None = None
+                ) -> Installed:
+        """Copy a verified package into the store (a no-op if that version is already there).
+
+        move=True renames the directory into place instead (a staging directory on the same
+        file system: no second copy of a large model)."""
+        pkg = verified or self.verify(directory)
         name, version = pkg.manifest.name, pkg.manifest.version
         target = self.root / name / version
-        if not (target / "manifest.json").exists():
+        if not (target / "manifest.json").exists() and move:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(directory, target)
+            _fsync_dir(target.parent)
+        elif not (target / "manifest.json").exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=target.parent))
             for item in ("manifest.json", "manifest.sig", pkg.manifest.file):
@@ -90,9 +100,18 @@ class ModelStore:
     def entry(self, name: str) -> dict[str, str | None]:
         return dict(self._state.get(name, {}))
 
-    def _save(self) -> None:
+    def _save(self) -> None:  # written, fsynced, renamed: a power cut leaves old or new
         tmp = self._state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self._state, indent=1))
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, self._state_path)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in this directory durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

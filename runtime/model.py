@@ -193,6 +193,7 @@ class Model:
             except Exception as exc:
                 raise ModelLoadError(f"model {self.name} loads but fails on a zero input of batch "
                                      f"{size}: {_ort_message(exc)}") from exc
+            self._warm_call_s = (time.perf_counter() - started) / 2
             if time.perf_counter() - started > 0.04:
                 # a heavy model (over 20 ms a call): warming up bigger batches would take
                 # seconds of CPU from whatever else runs, for a first call that is rare anyway
@@ -204,6 +205,8 @@ class Model:
         For small models the intra-op pool's wake-ups (worse with spinning off) cost more than
         the parallelism saves; large models (over ~2 ms a call) keep every allowed thread.
         """
+        if getattr(self, "_warm_call_s", 0.0) > 0.01:
+            return  # clearly a large model (the warm-up said so): it keeps its threads
         probe = [self.sample_inputs(b) for b in batches]
         if _median_time(self._run, self._output_names, probe[0], n=5) > 0.002:
             return  # a large model: it keeps its threads, and is not timed at every batch
