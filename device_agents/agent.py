@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from device_agents import protocol
-from device_agents.chunks import ChunkStore, chunk_file
+from device_agents.chunks import ChunkStore
 from device_agents.config import AgentConfig
 from device_agents.delivery import DeliveryManager
 from device_agents.health import ProcessStats
@@ -200,9 +200,6 @@ class Agent:
         for entry in self.config.models:
             installed = self.store.install(Path(entry.package))
             self._streams[installed.name] = entry.streams
-            model_file = next(installed.path.glob("*.onnx"), None)
-            if model_file is not None and not self.chunks.indexed(model_file):
-                self.chunks.index_file(model_file, chunk_file(model_file))  # for later deltas
             if not self.store.entry(installed.name).get("active"):
                 self.store.activate(installed.name, installed.version)
 

@@ -116,6 +116,7 @@ class DeliveryManager:
 
     def deploy(self, args: dict[str, Any]) -> dict[str, Any]:
         dep = _descriptor(args)
+        self._index_installed()
         staging = self.staging / dep.id
         try:
             manifest = self._check_manifest(dep, staging)
@@ -137,6 +138,17 @@ class DeliveryManager:
         self._begin(dep)
         return {"deployment": dep.id, "need": dep.missing, "need_bytes": need_bytes,
                 "have_bytes": dep.total_bytes - need_bytes}
+
+    def _index_installed(self) -> None:
+        """Chunk the installed model files not indexed yet (those installed from the config), so
+        their chunks count as held. Done at the first delivery, not at start: the chunker is only
+        loaded into the agent when an update actually comes."""
+        from device_agents.chunks import chunk_file
+
+        for installed in self.store.active():
+            for model_file in installed.path.glob("*.onnx"):
+                if not self.chunks.indexed(model_file):
+                    self.chunks.index_file(model_file, chunk_file(model_file))
 
     def _check_manifest(self, dep: Deployment, staging: Path) -> Manifest:
         """The signature is checked before a single chunk is fetched."""

@@ -83,7 +83,7 @@ class Outbox:
         self._last_id = int(self._db.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()[0])
         # rows just committed, for a publisher that keeps up (see take); bounded: past this it
         # reads the backlog from the database instead
-        self._fresh: deque[Row] = deque(maxlen=8192)
+        self._fresh: deque[Row] = deque(maxlen=1024)
         self._sizes: dict[int, int] = {}  # row id -> counted size, for rows committed here
         self.write_errors = 0
         # Only the writer thread uses _db; readers (the publisher, telemetry) have their own

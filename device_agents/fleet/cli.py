@@ -54,7 +54,7 @@ def broker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.group()
 def fleet() -> None:
-    """Operate the fleet: deploy packages, roll back, call devices."""
+    """Operate the fleet: deploy packages, roll back, call devices, watch their status."""
 
 
 @fleet.command("deploy")
@@ -175,3 +175,57 @@ def call_command(device: str, command: str, args: tuple[str, ...], timeout: floa
         response = client.request(device, command, payload, timeout)
     click.echo(json.dumps(response))
     sys.exit(0 if response.get("status") == "ok" else 1)
+
+
+@fleet.command("status")
+@click.option("--watch", is_flag=True, help="Keep the table up to date until Ctrl-C.")
+@click.option("--wait", type=float, default=1.5, show_default=True,
+              help="Seconds to listen for retained status and telemetry before printing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@broker_options
+def status_command(watch: bool, wait: float, as_json: bool, broker_config: BrokerConfig) -> None:
+    """One row per device seen: online, epoch, groups, models, outbox depth, p50 latency, last
+    telemetry.
+
+    \b
+    Example:
+      edgefleet fleet status --watch
+      edgefleet fleet status --json | jq '.[] | select(.state != "online")'
+    """
+    import time
+
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    from device_agents.fleet.client import FleetClient
+    from device_agents.fleet.status import FleetView
+
+    def table(rows: list[dict[str, Any]]) -> Table:
+        out = Table(title=f"{len(rows)} device(s)", title_justify="left")
+        for col in ("device", "state", "epoch", "groups", "models", "outbox", "p50 ms",
+                    "telemetry"):
+            out.add_column(col, no_wrap=col in ("device", "state"))
+        for r in rows:
+            out.add_row(r["device"], r["state"], str(r["epoch"]), ",".join(r["groups"]),
+                        " ".join(r["models"]), "-" if r["outbox_depth"] is None else str(r["outbox_depth"]),
+                        "-" if r["p50_ms"] is None else f"{r['p50_ms']:.2f}",
+                        "-" if r["last_telemetry_s"] is None else f"{r['last_telemetry_s']:.0f} s ago")
+        return out
+
+    with FleetClient(broker_config, "status") as client:
+        view = FleetView(client)
+        time.sleep(wait)
+        if as_json:
+            click.echo(json.dumps(view.snapshot()))
+            return
+        if not watch:
+            Console().print(table(view.snapshot()))
+            return
+        with Live(table(view.snapshot()), refresh_per_second=2) as live:
+            try:
+                while True:
+                    time.sleep(0.5)
+                    live.update(table(view.snapshot()))
+            except KeyboardInterrupt:
+                pass
