@@ -232,15 +232,20 @@ class Agent:
         try:
             self.intake.put_nowait(msg)
         except queue.Full:
-            msg_id = (protocol.peek_id(msg.payload)
-                      if len(msg.payload) <= self.config.agent.max_payload_bytes else None)
             self._error(msg, stream, protocol.OVERLOADED,
-                        f"intake queue is full ({self.intake.maxsize} messages waiting)", msg_id)
+                        f"intake queue is full ({self.intake.maxsize} messages waiting)",
+                        self._readable_id(msg))
 
     def _on_published(self, mid: int) -> None:
         """PUBACK: the row can leave the outbox, and the window has room for the next one."""
         self._published.put(mid)
         self._wake_publisher.set()
+
+    def _readable_id(self, msg: Message) -> Any:
+        """The id of a message refused before it was parsed, when one can be read cheaply."""
+        if len(msg.payload) > self.config.agent.max_payload_bytes:
+            return None
+        return protocol.peek_id(msg.payload)
 
     def _acks_for(self, msg: Message) -> AckSequencer:
         on_sensors = self.sensors is not self.uplink and self.topics.stream_of(msg.topic) is not None
@@ -294,9 +299,7 @@ class Agent:
         try:
             sensor = protocol.parse_sensor(msg.payload, self.config.agent.max_payload_bytes)
         except ProtocolError as exc:  # echo the id when the message has a readable one
-            msg_id = (protocol.peek_id(msg.payload)
-                      if len(msg.payload) <= self.config.agent.max_payload_bytes else None)
-            self._error(msg, stream, exc.code, str(exc), msg_id)
+            self._error(msg, stream, exc.code, str(exc), self._readable_id(msg))
             return
         batcher = self.inference.route(stream)
         if batcher is None:

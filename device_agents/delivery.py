@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from device_agents import protocol
-from device_agents.chunks import ChunkStore
+from device_agents.chunks import Chunk, ChunkStore
 from device_agents.inference import InferenceService
 from device_agents.router import RequestError
 from device_agents.store import ModelStore
@@ -92,7 +91,6 @@ class DeliveryManager:
         self._lock = threading.RLock()
         self._queue: queue.Queue[Message | None] = queue.Queue(maxsize=4 * WINDOW + 16)
         self._worker = threading.Thread(target=self._loop, name="edgefleet-delivery", daemon=True)
-        self._health: list[threading.Thread] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -134,7 +132,8 @@ class DeliveryManager:
             self.active[dep.id] = dep
             dep.missing = sorted({sha for sha, _ in dep.chunks if not self.chunks.has(sha)})
             (self.dir / f"{dep.id}.json").write_text(dep.to_json())
-        need_bytes = sum(size for sha, size in dict(dep.chunks).items() if sha in set(dep.missing))
+        missing = set(dep.missing)
+        need_bytes = sum(size for sha, size in dict(dep.chunks).items() if sha in missing)
         self._begin(dep)
         return {"deployment": dep.id, "need": dep.missing, "need_bytes": need_bytes,
                 "have_bytes": dep.total_bytes - need_bytes}
@@ -276,8 +275,6 @@ class DeliveryManager:
             return
         self._state(dep, "staged", 1.0)
         installed = self.store.install(staging, move=True, verified=package)
-        from device_agents.chunks import Chunk
-
         offsets, offset = [], 0
         for sha, size in dep.chunks:
             offsets.append(Chunk(sha, offset, size))
@@ -289,10 +286,8 @@ class DeliveryManager:
         self._state(dep, "active", 1.0)
         self.on_models_changed()
         log.info("activated %s %s", dep.name, dep.version)
-        watcher = threading.Thread(target=self._watch_health, args=(dep, model), daemon=True,
-                                   name=f"edgefleet-health-{dep.name}")
-        watcher.start()
-        self._health.append(watcher)
+        threading.Thread(target=self._watch_health, args=(dep, model), daemon=True,
+                         name=f"edgefleet-health-{dep.name}").start()
 
     def _self_test(self, model: Model) -> None:
         """Run the schema's sample input; outputs must be finite and of the declared shape; a
@@ -382,5 +377,4 @@ def _descriptor(args: dict[str, Any]) -> Deployment:
     if not protocol.NAME_RE.match(dep.id) or not all(
             len(sha) == 64 and all(c in "0123456789abcdef" for c in sha) for sha, _ in chunks):
         raise RequestError("bad deployment id or chunk sha256")
-    _ = hashlib  # chunk hashes are checked by ChunkStore.put
     return dep

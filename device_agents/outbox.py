@@ -144,14 +144,6 @@ class Outbox:
                 "ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
         return [Row(r[0], r[1], bytes(r[2]), r[3], bool(r[4]), r[5]) for r in rows]
 
-    def wait_for_rows(self, after_id: int, timeout: float) -> bool:
-        """Block until a row after `after_id` may exist (a commit happened) or the timeout."""
-        with self._changed:
-            if self._last_id > after_id:
-                return True
-            self._changed.wait(timeout)
-            return self._last_id > after_id
-
     def stats(self) -> OutboxStats:
         with self._read_lock:
             oldest = self._reader.execute("SELECT min(created) FROM outbox").fetchone()[0]

@@ -118,6 +118,7 @@ class Model:
                                  {s.name: len(s.shape) for s in self.inputs})
         self.metrics = Metrics()
         batches = sorted({1, *warmup_batches}) if self.batchable else [1]
+        self._warm_call_s = 0.0  # one batch-1 call, measured by the warm-up
         self._warm_up(batches)
         if self.config.threads > 1 and self.config.auto_threads:
             self._pick_threads(model_path, batches)
@@ -193,8 +194,10 @@ class Model:
             except Exception as exc:
                 raise ModelLoadError(f"model {self.name} loads but fails on a zero input of batch "
                                      f"{size}: {_ort_message(exc)}") from exc
-            self._warm_call_s = (time.perf_counter() - started) / 2
-            if time.perf_counter() - started > 0.04:
+            spent = time.perf_counter() - started
+            if size == batches[0]:
+                self._warm_call_s = spent / 2
+            if spent > 0.04:
                 # a heavy model (over 20 ms a call): warming up bigger batches would take
                 # seconds of CPU from whatever else runs, for a first call that is rare anyway
                 break
@@ -205,7 +208,7 @@ class Model:
         For small models the intra-op pool's wake-ups (worse with spinning off) cost more than
         the parallelism saves; large models (over ~2 ms a call) keep every allowed thread.
         """
-        if getattr(self, "_warm_call_s", 0.0) > 0.01:
+        if self._warm_call_s > 0.01:
             return  # clearly a large model (the warm-up said so): it keeps its threads
         probe = [self.sample_inputs(b) for b in batches]
         if _median_time(self._run, self._output_names, probe[0], n=5) > 0.002:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from runtime.package import Package
-from tests.support.agent import AgentProcess, Peer, write_config
+from tests.support.agent import AgentProcess, Peer, wait_for_status, write_config
 from tests.support.mosquitto import Mosquitto
 
 
@@ -40,6 +40,19 @@ class Bench:
         proc = AgentProcess(self.config, env).start()
         self.agents.append(proc)
         return proc
+
+    def uplink_through(self, link: Any, *, local_sensors: bool = False) -> None:
+        """Point the agent's uplink at a link emulator; sensors on the broker directly if asked."""
+        host, port = link.address
+        self.write(broker_url=f"mqtt://{host}:{port}",
+                   extra=f'\n[sensors]\nurl = "{self.broker.url}"\n' if local_sensors else "")
+
+    def start_online(self) -> tuple[Peer, AgentProcess]:
+        """A peer watching the device, and the agent started and seen online by it."""
+        watcher = self.peer()
+        agent = self.agent()
+        wait_for_status(watcher, "online")
+        return watcher, agent
 
     def peer(self, **kwargs: Any) -> Peer:
         peer = Peer(self.broker, self.device_id, **kwargs)

@@ -61,9 +61,7 @@ def test_uplink_outage_local_inference_goes_on(bench: Bench, digits_samples) -> 
     """Sensors on the local broker, uplink through an emulated LTE link that is cut: results
     pile up in the outbox and all arrive once the link is back."""
     with LinkEmulator((bench.broker.host, bench.broker.port), "lte", seed=1) as link:
-        host, port = link.address
-        bench.write(broker_url=f"mqtt://{host}:{port}",
-                    extra=f'\n[sensors]\nurl = "{bench.broker.url}"\n')
+        bench.uplink_through(link, local_sensors=True)
         collector = bench.peer()
         sensor = bench.peer(subscribe=[])
         bench.agent()
@@ -83,9 +81,7 @@ def test_uplink_outage_local_inference_goes_on(bench: Bench, digits_samples) -> 
 
 def test_uplink_reset_outage_reconnects_and_drains(bench: Bench, digits_samples) -> None:  # type: ignore[no-untyped-def]
     with LinkEmulator((bench.broker.host, bench.broker.port), "5g-embb", seed=2) as link:
-        host, port = link.address
-        bench.write(broker_url=f"mqtt://{host}:{port}",
-                    extra=f'\n[sensors]\nurl = "{bench.broker.url}"\n')
+        bench.uplink_through(link, local_sensors=True)
         collector = bench.peer()
         sensor = bench.peer(subscribe=[])
         status = bench.peer(subscribe=[f"edgefleet/v1/{bench.device_id}/status"])

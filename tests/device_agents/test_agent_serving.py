@@ -9,7 +9,6 @@ import time
 import uuid
 
 import numpy as np
-import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -52,9 +51,7 @@ def test_serves_digits_to_independent_mosquitto_clients(bench: Bench, digits_sam
 
 
 def test_b64_and_named_inputs(bench: Bench, digits_samples) -> None:  # type: ignore[no-untyped-def]
-    watcher = bench.peer()
-    bench.agent()
-    wait_for_status(watcher, "online")
+    watcher, _ = bench.start_online()
     image, label = digits_samples(1)[0]
     arr = np.asarray(image, dtype=np.float32)
     watcher.send("cam", {"id": "b64", "data": encode_tensor(arr)})
@@ -68,9 +65,7 @@ def test_b64_and_named_inputs(bench: Bench, digits_samples) -> None:  # type: ig
 
 def test_bad_input_never_stops_the_agent(bench: Bench, digits_samples) -> None:  # type: ignore[no-untyped-def]
     bench.write(extra="max_payload_bytes = 65536\n")
-    watcher = bench.peer()
-    bench.agent()
-    wait_for_status(watcher, "online")
+    watcher, _ = bench.start_online()
     image, label = digits_samples(1)[0]
     nan = np.asarray(image, dtype=np.float32)
     nan[0, 0, 0] = np.nan
@@ -113,9 +108,7 @@ def test_unknown_stream_is_an_error(bench: Bench, digits_samples) -> None:  # ty
     text = bench.config.read_text().replace(
         f'package = "{bench.package}"', f'package = "{bench.package}"\nstreams = ["camera0"]')
     bench.config.write_text(text)
-    watcher = bench.peer()
-    bench.agent()
-    wait_for_status(watcher, "online")
+    watcher, _ = bench.start_online()
     image, _ = digits_samples(1)[0]
     watcher.send("lidar", {"id": "u", "data": image})
     watcher.send("camera0", {"id": "k", "data": image})
@@ -128,9 +121,7 @@ def test_unknown_stream_is_an_error(bench: Bench, digits_samples) -> None:  # ty
 
 def test_overload_refuses_with_errors_never_silently(bench: Bench, digits_samples) -> None:  # type: ignore[no-untyped-def]
     bench.write(extra="max_queue = 2\n")
-    watcher = bench.peer()
-    bench.agent()
-    wait_for_status(watcher, "online")
+    watcher, _ = bench.start_online()
     image, _ = digits_samples(1)[0]
     payload = json.dumps({"data": image}).encode()
     n = 400
@@ -199,9 +190,7 @@ def test_requests(bench: Bench) -> None:
 
 
 def test_telemetry_fields(bench: Bench, digits_samples) -> None:  # type: ignore[no-untyped-def]
-    watcher = bench.peer()
-    bench.agent()
-    wait_for_status(watcher, "online")
+    watcher, _ = bench.start_online()
     for i, (image, _) in enumerate(digits_samples(5)):
         watcher.send("cam", {"id": i, "data": image})
     watcher.collect("/out/cam", 5)
@@ -214,9 +203,7 @@ def test_telemetry_fields(bench: Bench, digits_samples) -> None:  # type: ignore
 
 
 def test_sigterm_flushes_and_says_offline(bench: Bench, digits_samples) -> None:  # type: ignore[no-untyped-def]
-    watcher = bench.peer()
-    agent = bench.agent()
-    wait_for_status(watcher, "online")
+    watcher, agent = bench.start_online()
     for i, (image, _) in enumerate(digits_samples(50)):
         watcher.send("cam", {"id": i, "data": image})
     time.sleep(0.3)
@@ -236,13 +223,9 @@ def test_sigterm_flushes_and_says_offline(bench: Bench, digits_samples) -> None:
 
 
 def test_last_will_on_crash(bench: Bench) -> None:
-    watcher = bench.peer()
-    agent = bench.agent()
-    wait_for_status(watcher, "online")
+    watcher, agent = bench.start_online()
     agent.stop(kill=True)
     # keepalive 5 s: the broker gives up after 1.5 x and publishes the will
     offline = wait_for_status(watcher, "offline", timeout=20)
     assert offline == {"state": "offline", "epoch": 1}
 
-
-_ = mqtt  # paho is the peers' client

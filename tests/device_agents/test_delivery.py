@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -125,9 +126,7 @@ def test_deploy_hot_swaps_while_a_sensor_streams(mlp_bench: Bench, mlp: dict[str
 ])
 def test_refused_packages_leave_the_old_version_serving(mlp_bench: Bench, mlp: dict[str, Path],
                                                         package: str, reason: str) -> None:
-    watcher = mlp_bench.peer()
-    mlp_bench.agent()
-    wait_for_status(watcher, "online")
+    watcher, _ = mlp_bench.start_online()
     code, outcome = fleet_deploy(mlp_bench.broker.url, mlp[package], mlp_bench.device_id)
     assert code == 1
     device = outcome["devices"][0]
@@ -181,22 +180,11 @@ def test_head_only_update_sends_only_the_changed_chunks(mlp: dict[str, Path]) ->
 
 
 def test_delta_deploy_reports_only_missing_bytes(mlp_bench: Bench, mlp: dict[str, Path]) -> None:
-    watcher = mlp_bench.peer()
-    mlp_bench.agent()
-    wait_for_status(watcher, "online")
+    mlp_bench.start_online()
     code, outcome = fleet_deploy(mlp_bench.broker.url, mlp["v2_head"], mlp_bench.device_id)
     assert code == 0, outcome
     size = (mlp["v2_head"] / "model.onnx").stat().st_size
     assert 0 < outcome["devices"][0]["need_bytes"] <= 0.10 * size
-
-
-def _slow_link_bench(mlp_bench: Bench, link: LinkEmulator) -> tuple[Peer, AgentProcess]:
-    host, port = link.address
-    mlp_bench.write(broker_url=f"mqtt://{host}:{port}")
-    watcher = mlp_bench.peer()
-    agent = mlp_bench.agent()
-    wait_for_status(watcher, "online")
-    return watcher, agent
 
 
 def _deploy_in_background(mlp_bench: Bench, package: Path) -> tuple[threading.Thread, list[Any]]:
@@ -216,38 +204,44 @@ def _wait_progress(watcher: Peer, device: str, at_least: float, timeout: float =
     raise TimeoutError("the download never got going")
 
 
-def test_resume_after_the_link_is_cut_mid_transfer(mlp_bench: Bench, mlp: dict[str, Path]) -> None:
-    size = (mlp["v3_full"] / "model.onnx").stat().st_size
+def _interrupted_transfer(mlp_bench: Bench, package: Path, seed: int,
+                          interrupt: Callable[[LinkEmulator, AgentProcess], None]) -> int:
+    """Deploy over a 2 Mbit/s link, interrupt at 30%, and return the bytes that went down."""
     with LinkEmulator((mlp_bench.broker.host, mlp_bench.broker.port), "lte", down_mbps=2.0,
-                      seed=3) as link:
-        watcher, _ = _slow_link_bench(mlp_bench, link)
+                      seed=seed) as link:
+        mlp_bench.uplink_through(link)
+        watcher, agent = mlp_bench.start_online()
         before = link.stats().bytes_down
-        thread, result = _deploy_in_background(mlp_bench, mlp["v3_full"])
+        thread, result = _deploy_in_background(mlp_bench, package)
         _wait_progress(watcher, mlp_bench.device_id, 0.3)
-        link.cut("reset")
-        time.sleep(2)
-        link.restore()
+        interrupt(link, agent)
         thread.join()
         sent = link.stats().bytes_down - before
     code, outcome = result[0]
     assert code == 0, outcome
+    return sent
+
+
+def test_resume_after_the_link_is_cut_mid_transfer(mlp_bench: Bench, mlp: dict[str, Path]) -> None:
+    size = (mlp["v3_full"] / "model.onnx").stat().st_size
+
+    def cut(link: LinkEmulator, agent: AgentProcess) -> None:
+        link.cut("reset")
+        time.sleep(2)
+        link.restore()
+
+    sent = _interrupted_transfer(mlp_bench, mlp["v3_full"], 3, cut)
     assert sent <= 1.2 * size, f"{sent} bytes down for a {size}-byte model: it started over"
 
 
 def test_resume_after_kill_9_mid_transfer(mlp_bench: Bench, mlp: dict[str, Path]) -> None:
     size = (mlp["v3_full"] / "model.onnx").stat().st_size
-    with LinkEmulator((mlp_bench.broker.host, mlp_bench.broker.port), "lte", down_mbps=2.0,
-                      seed=4) as link:
-        watcher, agent = _slow_link_bench(mlp_bench, link)
-        before = link.stats().bytes_down
-        thread, result = _deploy_in_background(mlp_bench, mlp["v3_full"])
-        _wait_progress(watcher, mlp_bench.device_id, 0.3)
+
+    def kill(link: LinkEmulator, agent: AgentProcess) -> None:
         agent.stop(kill=True)
         mlp_bench.agent()
-        thread.join()
-        sent = link.stats().bytes_down - before
-    code, outcome = result[0]
-    assert code == 0, outcome
+
+    sent = _interrupted_transfer(mlp_bench, mlp["v3_full"], 4, kill)
     assert sent <= 1.3 * size, f"{sent} bytes down for a {size}-byte model: it started over"
 
 
@@ -260,9 +254,7 @@ def test_canary_failure_stops_the_rollout_and_group_deploy(tmp_path: Path, broke
         for b in benches:
             b.config.write_text(b.config.read_text().replace('groups = ["test"]',
                                                              f'groups = ["{group}"]'))
-            watcher = b.peer()
-            b.agent()
-            wait_for_status(watcher, "online")
+            b.start_online()
         code, outcome = fleet_deploy(broker.url, mlp["garbage"], f"group:{group}",
                                      extra=("--canary", "1"))
         assert code == 1

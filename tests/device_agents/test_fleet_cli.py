@@ -9,7 +9,6 @@ import sys
 import pytest
 
 from tests.device_agents.conftest import Bench
-from tests.support.agent import wait_for_status
 
 
 def fleet(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -18,9 +17,7 @@ def fleet(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 
 
 def test_status_call_and_rollback_against_a_real_agent(bench: Bench) -> None:
-    watcher = bench.peer()
-    bench.agent()
-    wait_for_status(watcher, "online")
+    bench.start_online()
     out = fleet("status", "--json", "--wait", "2.5", "--broker", bench.broker.url)
     assert out.returncode == 0, out.stderr
     rows = {r["device"]: r for r in json.loads(out.stdout)}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -120,5 +119,3 @@ def test_put_from_many_threads(tmp_path: Path) -> None:
     assert all(v == sorted(v) for v in per_thread.values())  # each producer's order is kept
     box.close()
 
-
-_ = sqlite3
