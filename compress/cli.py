@@ -76,14 +76,15 @@ def compress(source: str, output: Path, input_shapes: tuple[str, ...], weights: 
         result = run(recipe)
         click.echo(json.dumps(report_dict(result, recipe), indent=2))
         return
-    with _RichReporter() as reporter:
+    with RichReporter() as reporter:
         result = run(recipe, reporter)
-    _print_summary(report_dict(result, recipe))
+    print_summary(report_dict(result, recipe))
     click.echo(f"wrote {result.package.path} ({result.chosen.name}"
                f"{', signed' if result.package.signed else ''}); full report in report.md")
 
 
-def _print_summary(doc: dict[str, Any]) -> None:
+def print_summary(doc: dict[str, Any], console: Any = None) -> None:
+    """The report as a table: one row per candidate, the chosen one starred (also the demo's)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -100,22 +101,25 @@ def _print_summary(doc: dict[str, Any]) -> None:
                       f"{r['transfer_size'] / 1024:,.0f}", f"{r['latency_ms']}",
                       f"{r['speedup']}x", f"{q.get('value')}",
                       "yes" if r["within_tolerance"] else "no")
-    console = Console()
+    console = console or Console()
     console.print(table)
     console.print(f"* chosen: {doc['reason']}")
     for note in doc["notes"]:
         console.print(f"- {note}")
 
 
-class _RichReporter:
+class RichReporter:
     """Progress bars for the long steps (calibration, evaluation, timing, fallback) on stderr."""
 
-    def __enter__(self) -> _RichReporter:
+    def __init__(self, console: Any = None) -> None:
+        self.console = console
+
+    def __enter__(self) -> RichReporter:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 
         self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                                  MofNCompleteColumn(), console=Console(stderr=True),
+                                  MofNCompleteColumn(), console=self.console or Console(stderr=True),
                                   transient=True)
         self._progress.__enter__()
         self._tasks: dict[str, Any] = {}

@@ -96,3 +96,27 @@ def check_config(config_path: Path, as_json: bool) -> None:
     else:
         click.echo(f"{config_path}: ok (device {config.device_id}, {len(config.models)} model(s), "
                    f"uplink {config.uplink.url})")
+
+
+@click.command("broker")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0 for every interface).")
+@click.option("--port", default=1883, show_default=True, type=click.IntRange(1, 65535))
+def broker(host: str, port: int) -> None:
+    """Run the embedded MQTT broker (amqtt) in the foreground until Ctrl-C.
+
+    For laptops and demos: nothing to install beyond `pip install 'edgefleet[broker]'`. It speaks
+    MQTT 3.1.1 and keeps state in memory; use Mosquitto for a site, a clustered broker (EMQX,
+    HiveMQ) for a large fleet.
+
+    \b
+    Example:
+      edgefleet broker --port 1883 &
+      edgefleet agent run --config agent.toml --broker mqtt://127.0.0.1:1883
+    """
+    from device_agents.broker import serve
+
+    def ready(b: Any) -> None:
+        click.echo(f"edgefleet broker listening on {b.url} (Ctrl-C to stop)", err=True)
+
+    serve(host, port, on_ready=ready)

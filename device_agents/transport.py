@@ -15,12 +15,13 @@ import random
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -28,6 +29,10 @@ from device_agents.config import BrokerConfig
 from device_agents.errors import DeviceAgentError
 
 log = logging.getLogger("edgefleet.transport")
+
+# A broker that accepted TCP (and TLS) but has not answered CONNECT by then never will: a
+# 3.1.1-only broker that misread an MQTT 5 CONNECT, or a wedged one. Generous for NB-IoT.
+CONNACK_TIMEOUT_S = 5.0
 
 
 class TransportError(DeviceAgentError):
@@ -68,7 +73,7 @@ class Backoff:
 
 
 class Transport:
-    """One MQTT 5 connection with a persistent session.
+    """One MQTT connection with a persistent session: MQTT 5, or 3.1.1 when the broker has no 5.
 
     Callbacks run on the network thread: on_connect(session_present), on_disconnect(reason),
     on_message(Message), on_published(mid). They must be quick.
@@ -108,11 +113,29 @@ class Transport:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._first = True
+        self._downgrade = False
+        self._connack_seen = False
         self.last_error: str | None = None
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                             protocol=mqtt.MQTTv5)
-        client.manual_ack_set(manual_ack)
-        client.max_inflight_messages_set(max_inflight)
+        self.manual_ack = manual_ack
+        self.max_inflight = max_inflight
+        self._will = will
+        self.protocol = mqtt.MQTTv5
+        self._client = self._build_client(mqtt.MQTTv5)
+
+    def _build_client(self, protocol: MQTTProtocolVersion, *, probe: bool = False
+                      ) -> mqtt.Client:
+        """A paho client for one protocol version: MQTT 5, or 3.1.1 for a broker without 5.
+        A probe has no Will and no callbacks (see _refuses_mqtt5)."""
+        broker = self.broker
+        client_id = f"{self.client_id}-probe" if probe else self.client_id
+        if protocol == mqtt.MQTTv5:
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                 protocol=mqtt.MQTTv5)
+        else:  # 3.1.1 has no session expiry: a persistent session is kept until cleaned
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                 protocol=protocol, clean_session=broker.session_expiry_s == 0)
+        client.manual_ack_set(self.manual_ack)
+        client.max_inflight_messages_set(self.max_inflight)
         if broker.username is not None:
             client.username_pw_set(broker.username, broker.password())
         if broker.tls:
@@ -123,15 +146,40 @@ class Transport:
                                cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
             except (OSError, ssl.SSLError) as exc:
                 raise TransportError(f"TLS setup for {broker.url} failed: {exc}") from exc
-        if will is not None:
-            client.will_set(will[0], will[1], qos=1, retain=True)
+        client.on_socket_open = _no_delay
+        if probe:
+            return client
+        if self._will is not None:
+            client.will_set(self._will[0], self._will[1], qos=1, retain=True)
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
         client.on_subscribe = self._handle_subscribe
-        client.on_socket_open = _no_delay
-        self._client = client
+        return client
+
+    def _refuses_mqtt5(self) -> bool:
+        """Whether the broker answers a bare MQTT 5 CONNECT with 'unsupported protocol version'.
+
+        Asked when an MQTT 5 connection closed before its CONNACK: a 3.1.1-only broker may
+        misread a CONNECT carrying a Will and properties and just hang up (amqtt does), while a
+        bare CONNECT gets a clear refusal. A flaky link gets False, so it never downgrades us.
+        """
+        answer: list[str] = []
+        probe = self._build_client(mqtt.MQTTv5, probe=True)
+        probe.on_connect = lambda c, u, f, reason, p: answer.append(str(reason))
+        try:
+            probe.connect(self.broker.host, self.broker.port, 10, clean_start=True)
+            deadline = time.monotonic() + 5
+            while not answer and time.monotonic() < deadline:
+                if probe.loop(timeout=0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    break
+            with contextlib.suppress(Exception):
+                probe.disconnect()
+                probe.loop(timeout=0.05)
+        except (OSError, ssl.SSLError, ValueError):
+            return False
+        return answer == ["Unsupported protocol version"]
 
     @property
     def connected(self) -> bool:
@@ -147,6 +195,7 @@ class Transport:
 
     def set_will(self, topic: str, payload: bytes) -> None:
         """Change the Last Will; it takes effect at the next connect."""
+        self._will = (topic, payload)
         self._client.will_set(topic, payload, qos=1, retain=True)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
@@ -154,7 +203,7 @@ class Transport:
         """Queue a message; returns its mid (for QoS 1, matched by on_published) or None when
         paho refused it (not connected and its own queue is off)."""
         props = None
-        if properties:
+        if properties and self.protocol == mqtt.MQTTv5:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             for key, value in properties.items():
                 setattr(props, key, value)
@@ -220,7 +269,6 @@ class Transport:
     # -- the network thread ------------------------------------------------------------------
 
     def _run(self) -> None:
-        client = self._client
         while not self._stop.is_set():
             try:
                 self._connect_once()
@@ -228,25 +276,60 @@ class Transport:
                 self._note_error(f"cannot connect to {self.broker.url}: {exc}")
                 self._stop.wait(self.backoff.next())
                 continue
+            client = self._client
+            connecting_since, probed = time.monotonic(), False
             while not self._stop.is_set():
                 rc = client.loop(timeout=0.2)
                 if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     break
+                waited = time.monotonic() - connecting_since
+                if (not self._connack_seen and not probed and waited > 1.0
+                        and self.protocol == mqtt.MQTTv5):
+                    probed = True  # a slow CONNACK: ask whether the broker speaks MQTT 5 at all
+                    if self._refuses_mqtt5():
+                        log.info("%s does not speak MQTT 5; using MQTT 3.1.1", self.broker.url)
+                        self._downgrade = True
+                        with contextlib.suppress(Exception):
+                            client.disconnect()
+                        break
+                if not self._connack_seen and waited > CONNACK_TIMEOUT_S:
+                    self._note_error(f"{self.broker.url} accepted the connection but sent no CONNACK "
+                                     f"within {CONNACK_TIMEOUT_S:g} s")
+                    with contextlib.suppress(Exception):
+                        client.disconnect()
+                    break
             if self._connected.is_set():  # paho did not call on_disconnect (e.g. socket error)
                 self._handle_disconnect(client, None, None, "connection lost", None)
+            elif (not self._connack_seen and not probed and not self._downgrade
+                  and self.protocol == mqtt.MQTTv5 and not self._stop.is_set()
+                  and self._refuses_mqtt5()):
+                log.info("%s does not speak MQTT 5; using MQTT 3.1.1", self.broker.url)
+                self._downgrade = True
             if not self._stop.is_set():
                 self._stop.wait(self.backoff.next())
         # flush the DISCONNECT written by stop()
         for _ in range(5):
-            if client.loop(timeout=0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            if self._client.loop(timeout=0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 break
 
     def _connect_once(self) -> None:
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = self.broker.session_expiry_s
+        self._connack_seen = False
+        if self._downgrade:  # the broker refused MQTT 5: speak 3.1.1 from now on
+            self._downgrade = False
+            self.protocol = mqtt.MQTTv311
+            self._client = self._build_client(mqtt.MQTTv311)
+            self._first = True
+            self.backoff.reset()
         if self._first:
-            self._client.connect(self.broker.host, self.broker.port, self.broker.keepalive_s,
-                                 clean_start=False, properties=props)
+            if self.protocol == mqtt.MQTTv5:
+                props = None  # no expiry is MQTT 5's default: a bare CONNECT
+                if self.broker.session_expiry_s:
+                    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                    props.SessionExpiryInterval = self.broker.session_expiry_s
+                self._client.connect(self.broker.host, self.broker.port, self.broker.keepalive_s,
+                                     clean_start=props is None, properties=props)
+            else:
+                self._client.connect(self.broker.host, self.broker.port, self.broker.keepalive_s)
             self._first = False
         else:
             self._client.reconnect()
@@ -258,7 +341,15 @@ class Transport:
 
     def _handle_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                         properties: Any) -> None:
+        self._connack_seen = True
         if reason.is_failure:
+            if self.protocol == mqtt.MQTTv5 and reason == "Unsupported protocol version":
+                # A 3.1.1-only broker (amqtt, older Mosquitto). Everything the agent needs works
+                # over 3.1.1; MQTT 5 response topics and shared subscriptions do not.
+                log.info("%s does not speak MQTT 5; using MQTT 3.1.1", self.broker.url)
+                self._downgrade = True
+                client.disconnect()
+                return
             self._note_error(f"{self.broker.url} refused the connection: {reason}")
             return
         self.generation += 1

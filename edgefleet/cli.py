@@ -21,8 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("runtime.cli:keys", "Generate the fleet's Ed25519 signing key pair."),
     "package": ("runtime.cli:package", "Inspect and verify model packages."),
     "demo": ("edgefleet.demo:demo", "Run the whole system end to end on this machine."),
+    "broker": ("device_agents.cli:broker", "Run the embedded MQTT broker (for laptops and demos)."),
     "agent": ("device_agents.cli:agent", "The edge daemon: serve sensors over MQTT, report, sync."),
     "fleet": ("device_agents.fleet.cli:fleet", "Operate the fleet: deploy, roll back, call devices."),
+    "sensor": ("device_agents.sensors.cli:sensor", "Simulated sensors: publish samples, score the answers."),
     "linkem": ("device_agents.linkem.cli:linkem",
                "Emulate a 5G/LTE/NB-IoT link (delay, bandwidth, outages) as a TCP proxy."),
 }

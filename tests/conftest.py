@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from runtime.package import Package, write_package
+from tests.support.embedded import EmbeddedBrokerProcess
 from tests.support.mosquitto import Mosquitto
 from tests.support.onnx_models import linear_model
 
@@ -23,11 +25,33 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     broker.stop()
 
 
-@pytest.fixture
-def broker(mosquitto: Mosquitto) -> Mosquitto:
-    """The session broker, running (a test before may have stopped it for an outage)."""
-    mosquitto.start()
-    return mosquitto
+# The integration suite runs against both brokers a user may point edgefleet at: Mosquitto and the
+# embedded one (`edgefleet broker`). EDGEFLEET_TEST_BROKERS=mosquitto narrows it while developing.
+BROKERS = os.environ.get("EDGEFLEET_TEST_BROKERS", "mosquitto,amqtt").split(",")
+
+
+@pytest.fixture(scope="session")
+def embedded_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBrokerProcess]:
+    """`edgefleet broker` (amqtt) as its own process, for the whole test session."""
+    broker = EmbeddedBrokerProcess(tmp_path_factory.mktemp("amqtt"))
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(params=BROKERS)
+def broker(request: pytest.FixtureRequest) -> Mosquitto | EmbeddedBrokerProcess:
+    """A running broker (a test before may have stopped it for an outage): Mosquitto, then the
+    embedded one. A test that needs what only Mosquitto has is marked `mosquitto_only` with why."""
+    if request.param == "amqtt":
+        marker = request.node.get_closest_marker("mosquitto_only")
+        if marker is not None:
+            pytest.skip(f"not run on the embedded broker: {marker.kwargs.get('reason', marker.args)}")
+        chosen: Mosquitto | EmbeddedBrokerProcess = request.getfixturevalue("embedded_broker")
+    else:
+        chosen = request.getfixturevalue("mosquitto")
+    chosen.start()
+    return chosen
 
 
 @pytest.fixture

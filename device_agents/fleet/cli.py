@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -229,3 +230,75 @@ def status_command(watch: bool, wait: float, as_json: bool, broker_config: Broke
                     live.update(table(view.snapshot()))
             except KeyboardInterrupt:
                 pass
+
+
+@fleet.command("collect")
+@click.option("--db", "db_path", type=click.Path(path_type=Path), required=True,
+              help="SQLite file the results go to (created if missing; its directory must exist).")
+@click.option("--group", default="edgefleet-collect", show_default=True,
+              help="Shared-subscription group: collectors in one group split the results.")
+@click.option("--device", "devices", multiple=True,
+              help="Only this device's results (repeatable); default every device.")
+@click.option("--name", help="This collector's name, unique per collector: its MQTT client id "
+              "and persistent session come from it. Default: the host name and a hash of --db.")
+@click.option("--count", type=click.IntRange(min=1),
+              help="Stop once this many new results are stored.")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True),
+              help="Stop after this many seconds (with --count: exit 1 if it was not reached).")
+@click.option("--batch", "batch_rows", type=click.IntRange(1, 100_000), default=1000,
+              show_default=True, help="Most rows per transaction.")
+@click.option("--synchronous", type=click.Choice(["normal", "full"]), default="normal",
+              show_default=True, help="SQLite sync: normal survives a crash of the collector, "
+              "full also a power cut of its machine (an fsync per commit).")
+@click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), default=10,
+              show_default=True, help="Seconds to wait for the broker at start.")
+@click.option("--json", "as_json", is_flag=True, help="Print a summary as JSON on stdout at the end.")
+@broker_options
+def collect_command(db_path: Path, group: str, devices: tuple[str, ...], name: str | None,
+                    count: int | None, duration: float | None, batch_rows: int, synchronous: str,
+                    connect_timeout: float, as_json: bool, broker_config: BrokerConfig) -> None:
+    """Ingest results from every device into SQLite; several collectors share the load.
+
+    Runs until Ctrl-C or SIGTERM (then commits what arrived and exits 0), or until --count or
+    --duration. A result is acknowledged to the broker only once committed, and the session
+    persists, so a collector that restarts under the same --name misses nothing.
+
+    \b
+    Example:
+      edgefleet fleet collect --db results.db
+      edgefleet fleet collect --db results-b.db --name collector-b    # a second, sharing the load
+      edgefleet fleet collect --db run.db --device edge-001 --count 1000 --duration 60 --json
+    """
+    import logging
+    import signal
+    import threading
+
+    from device_agents.fleet.collect import Collector, ProgressLine, WarningLines
+
+    collector = Collector(db_path, broker_config, group=group, devices=devices, name=name,
+                          batch_rows=batch_rows, synchronous=synchronous.upper(),
+                          connect_timeout_s=connect_timeout)
+    stop = threading.Event()
+    previous: dict[signal.Signals, Any] = {}
+    with contextlib.suppress(ValueError):  # signals can only be caught on the main thread
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    progress = ProgressLine()
+    warnings = WarningLines(collector)
+    logging.getLogger("edgefleet").addHandler(warnings)
+    try:
+        reached = collector.run(count=count, duration=duration, stop=stop, on_tick=progress.update)
+    finally:
+        logging.getLogger("edgefleet").removeHandler(warnings)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    stats = collector.stats
+    progress.close(stats)
+    if as_json:
+        click.echo(json.dumps({"db": str(db_path), "name": collector.name,
+                               "client_id": collector.client_id, "filters": collector.filters,
+                               "reached": reached, **stats.as_dict()}))
+    if not reached and not stop.is_set():  # Ctrl-C is the operator's choice, not a failure
+        click.echo(f"error: stored {stats.stored} of --count {count} results within --duration "
+                   f"{duration:g} s", err=True)
+        sys.exit(1)

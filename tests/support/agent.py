@@ -70,8 +70,11 @@ class Peer:
         self.device_id = device_id
         self.messages: queue.Queue[tuple[str, bytes, Any]] = queue.Queue()
         self.connected = threading.Event()
+        v5 = getattr(broker, "mqtt5", True)  # the embedded broker speaks 3.1.1 only
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or
-                                  f"peer-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
+                                  f"peer-{uuid.uuid4().hex[:8]}",
+                                  protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+                                  clean_session=None if v5 else clean)
         topics = subscribe if subscribe is not None else [f"{ROOT}/{device_id}/#"]
 
         def on_connect(c: mqtt.Client, u: Any, f: Any, rc: Any, p: Any) -> None:
@@ -85,10 +88,13 @@ class Peer:
         self.client.max_inflight_messages_set(1000)
         self.client.reconnect_delay_set(1, 2)
         props = None
-        if not clean:  # a persistent session: the broker keeps what arrives while we are away
+        if not clean and v5:  # a persistent session: the broker keeps what arrives while away
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = 3600
-        self.client.connect(broker.host, broker.port, clean_start=clean, properties=props)
+        if v5:
+            self.client.connect(broker.host, broker.port, clean_start=clean, properties=props)
+        else:
+            self.client.connect(broker.host, broker.port)
         self.client.loop_start()
         assert self.connected.wait(10)
         time.sleep(0.2)  # SUBACK

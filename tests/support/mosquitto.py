@@ -22,6 +22,10 @@ def free_port() -> int:
 
 
 class Mosquitto:
+    kind = "mosquitto"
+    persistent = True  # sessions and retained messages survive a restart (persistence on)
+    mqtt5 = True
+
     def __init__(self, workdir: Path, port: int | None = None, *, listener_options: str = "",
                  allow_anonymous: bool = True, tls: bool = False) -> None:
         binary = shutil.which("mosquitto") or (

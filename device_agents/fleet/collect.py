@@ -1,0 +1,518 @@
+"""`edgefleet fleet collect`: every device's results into SQLite, several collectors sharing the load.
+
+Data flows one way: transport (paho's thread) -> queue -> writer thread (decode, INSERT OR IGNORE
+a batch, COMMIT) -> PUBACKs in arrival order. A result is acknowledged to the broker only once its
+row is committed, and the collector keeps a persistent MQTT session, so a crash, a restart or a
+dropped link loses nothing: what was not acknowledged comes again, and UNIQUE(device, epoch, seq)
+stores it once. Collectors in one MQTT 5 shared-subscription group (`$share/{group}/...`) split
+the results: the broker hands each message to one member of the group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import queue
+import socket
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Any, Final, TextIO
+
+import msgspec
+
+from device_agents import protocol
+from device_agents.config import BrokerConfig
+from device_agents.fleet.client import FleetError
+from device_agents.transport import Message, Transport
+
+log = logging.getLogger("edgefleet.collect")
+
+DEFAULT_GROUP: Final = "edgefleet-collect"
+SESSION_EXPIRY_S: Final = 86400  # a collector down for less than this loses nothing
+SCHEMA_VERSION: Final = 1
+REJECT_KEEP_BYTES: Final = 64 * 1024  # of a refused payload, enough to see what sent it
+_INT64: Final = 2**63 - 1
+MQTT5: Final = 5  # the protocol level of MQTT 5 in CONNECT (3.1.1 is 4)
+
+SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS results (
+    device TEXT NOT NULL,         -- from the topic edgefleet/v1/{device}/out/{stream}
+    stream TEXT NOT NULL,
+    epoch INTEGER NOT NULL,       -- the agent's start count; with seq, identifies a result
+    seq INTEGER NOT NULL,
+    id,                           -- the sensor message's id as sent (text or integer), or NULL
+    model_name TEXT,
+    model_version TEXT,
+    label TEXT,
+    score REAL,
+    latency_ms REAL,              -- latency_ms.total: sensor message in -> result out, on the device
+    ts_in REAL,                   -- unix seconds, the device's clock
+    ts_out REAL,
+    received_at REAL NOT NULL,    -- unix seconds, the collector's clock
+    payload TEXT NOT NULL,        -- the whole result as JSON (json_extract works on it)
+    UNIQUE (device, epoch, seq)
+);
+CREATE TABLE IF NOT EXISTS rejects (
+    received_at REAL NOT NULL,
+    topic TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    size INTEGER NOT NULL,        -- the payload's full size in bytes
+    payload BLOB NOT NULL         -- its first 64 KiB
+);
+"""
+
+_INSERT_RESULT: Final = "INSERT OR IGNORE INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+_INSERT_REJECT: Final = "INSERT INTO rejects VALUES (?,?,?,?,?)"
+
+
+class CollectError(FleetError):
+    """The collector cannot run: database unusable, broker unreachable, bad options."""
+
+
+class _Result(msgspec.Struct):
+    """The fields of a result the table needs; msgspec skips the rest (outputs, top) unparsed."""
+
+    epoch: Annotated[int, msgspec.Meta(ge=0, le=_INT64)]
+    seq: Annotated[int, msgspec.Meta(ge=0, le=_INT64)]
+    id: Any = None
+    model: Any = None
+    label: Any = None
+    score: Any = None
+    latency_ms: Any = None
+    ts_in: Any = None
+    ts_out: Any = None
+
+
+_decoder = msgspec.json.Decoder(_Result)
+
+
+class NotAResultError(Exception):
+    """A message that is not a result: counted, its reason kept in the rejects table."""
+
+
+def result_row(topic: str, payload: bytes, received_at: float) -> tuple[Any, ...]:
+    """The `results` row of one message; raises NotAResultError when it is not a result."""
+    device, stream = _device_stream(topic)
+    try:
+        doc = _decoder.decode(payload)
+        text = payload.decode()
+    except msgspec.ValidationError as exc:
+        raise NotAResultError(f"not a result: {exc}") from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise NotAResultError(f"not JSON: {exc}") from None
+    model = doc.model if isinstance(doc.model, dict) else {}
+    latency = doc.latency_ms if isinstance(doc.latency_ms, dict) else {}
+    return (device, stream, doc.epoch, doc.seq, _scalar(doc.id), _text(model.get("name")),
+            _text(model.get("version")), _text(doc.label), _number(doc.score),
+            _number(latency.get("total")), _number(doc.ts_in), _number(doc.ts_out), received_at,
+            text)
+
+
+def _device_stream(topic: str) -> tuple[str, str]:
+    parts = topic.split("/")
+    # protocol.Topics(device).output(stream) is ROOT/{device}/out/{stream}
+    if (len(parts) != 5 or f"{parts[0]}/{parts[1]}" != protocol.ROOT or parts[3] != "out"
+            or not parts[2] or not parts[4]):
+        raise NotAResultError(f"not a result topic ({protocol.ROOT}/{{device}}/out/{{stream}})")
+    return parts[2], parts[4]
+
+
+def _scalar(value: Any) -> str | int | float | None:
+    """What SQLite can bind: an integer past 64 bits would fail the whole batch, so it is text."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value if -_INT64 - 1 <= value <= _INT64 else str(value)
+    if isinstance(value, str | float):
+        return value
+    return None if value is None else protocol.encode(value).decode()
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(_scalar(value))
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+@dataclass(frozen=True)
+class WriteOutcome:
+    stored: int
+    duplicates: int
+    rejects: int
+
+
+class ResultStore:
+    """The SQLite file: WAL (readers never block the writer), a busy timeout (several collectors
+    may share one file: SQLite serialises their commits), one transaction per batch."""
+
+    def __init__(self, path: Path, *, synchronous: str = "NORMAL", busy_timeout_s: float = 30.0
+                 ) -> None:
+        self.path = path
+        if path.is_dir():
+            raise CollectError(f"--db {path} is a directory; give a file path such as "
+                               f"{path / 'results.db'}")
+        if not path.parent.is_dir():
+            raise CollectError(f"cannot create the database {path}: directory {path.parent} "
+                               "does not exist")
+        db = None
+        try:
+            db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={synchronous}")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise CollectError(f"{path} was written by a newer edgefleet (schema {version}; "
+                                   f"this one knows {SCHEMA_VERSION})")
+            db.executescript(SCHEMA)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except (sqlite3.Error, CollectError) as exc:
+            if db is not None:
+                db.close()
+            if isinstance(exc, CollectError):
+                raise
+            raise CollectError(f"cannot use {path} as the results database: {exc}") from None
+        self._db = db
+
+    def write(self, messages: Sequence[tuple[str, bytes]], received_at: float) -> WriteOutcome:
+        """Store a batch of (topic, payload) in one transaction; raises sqlite3.Error (rolled
+        back) when the disk or a lock says no."""
+        rows: list[tuple[Any, ...]] = []
+        rejects: list[tuple[float, str, str, int, bytes]] = []
+        for topic, payload in messages:
+            try:
+                rows.append(result_row(topic, payload, received_at))
+            except NotAResultError as exc:
+                rejects.append((received_at, topic, str(exc), len(payload),
+                                payload[:REJECT_KEEP_BYTES]))
+        try:
+            self._db.execute("BEGIN IMMEDIATE")  # the write lock now, under the busy timeout
+            stored = self._db.executemany(_INSERT_RESULT, rows).rowcount if rows else 0
+            if rejects:
+                self._db.executemany(_INSERT_REJECT, rejects)
+            self._db.execute("COMMIT")
+        except sqlite3.Error:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            raise
+        return WriteOutcome(stored, len(rows) - stored, len(rejects))
+
+    def close(self) -> None:
+        self._db.close()
+
+
+@dataclass(frozen=True)
+class CollectStats:
+    """Counters of one collector since start(). `stored + duplicates + rejects` were handled and
+    acknowledged; `received` also counts what is still queued for the writer."""
+
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    rejects: int = 0
+    batches: int = 0
+    write_errors: int = 0
+    connects: int = 0
+    seconds: float = 0.0
+
+    @property
+    def handled(self) -> int:
+        return self.stored + self.duplicates + self.rejects
+
+    @property
+    def rate(self) -> float:
+        """Messages handled per second since start."""
+        return self.handled / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "seconds": round(self.seconds, 3), "rate_per_s": round(self.rate, 1)}
+
+
+def result_filters(group: str, devices: Sequence[str] = ()) -> list[str]:
+    """The shared subscriptions: every device's results, or those of the devices given."""
+    targets = [protocol.Topics(d).output("+") for d in devices] or [protocol.Topics("+").output("+")]
+    return [f"$share/{group}/{t}" for t in targets]
+
+
+def default_name(db: Path) -> str:
+    """Stable across restarts (the session is found again) and distinct for two collectors on
+    one host writing different files; collectors sharing one file on one host need --name."""
+    digest = hashlib.sha1(str(db.resolve()).encode()).hexdigest()[:8]  # a label
+    return f"{socket.gethostname().split('.')[0] or 'host'}-{digest}"
+
+
+class Collector:
+    """Ingests results into a ResultStore; usable from Python:
+
+        with Collector(Path("results.db"), BrokerConfig(url="mqtt://broker:1883")) as c:
+            c.wait_for(1000, timeout=60)
+        print(c.stats)
+    """
+
+    def __init__(self, db: Path, broker: BrokerConfig | None = None, *,
+                 group: str = DEFAULT_GROUP, devices: Sequence[str] = (), name: str | None = None,
+                 batch_rows: int = 1000, session_expiry_s: int = SESSION_EXPIRY_S,
+                 synchronous: str = "NORMAL", connect_timeout_s: float = 10.0) -> None:
+        for what, value in [("--group", group), *(("--device", d) for d in devices),
+                            ("--name", name or "x")]:
+            if not protocol.NAME_RE.match(value):
+                raise CollectError(f"{what} {value!r} must match {protocol.NAME_RE.pattern}")
+        if synchronous not in ("NORMAL", "FULL"):
+            raise CollectError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
+        self.db_path = Path(db)
+        self.broker = msgspec.structs.replace(broker or BrokerConfig(),
+                                              session_expiry_s=session_expiry_s)
+        self.group = group
+        self.name = name or default_name(self.db_path)
+        self.client_id = f"edgefleet-collect-{self.name}"
+        self.filters = result_filters(group, devices)
+        self.batch_rows = batch_rows
+        self.synchronous = synchronous
+        self.connect_timeout_s = connect_timeout_s
+        # Unbounded here, bounded in effect: the broker never has more un-PUBACKed messages out
+        # to us than its in-flight window (Mosquitto's max_inflight_messages, 20 by default).
+        self._queue: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
+        self._accepting = False
+        self._counts = {"received": 0, "stored": 0, "duplicates": 0, "rejects": 0, "batches": 0,
+                        "write_errors": 0}
+        self._progress = threading.Condition()
+        self._stopping = threading.Event()
+        self._connected = threading.Event()  # set once the transport has sent our SUBSCRIBE
+        self._started = 0.0
+        self._stopped: float | None = None
+        self._store: ResultStore | None = None
+        self._writer: threading.Thread | None = None
+        self.transport: Transport | None = None
+
+    def __enter__(self) -> Collector:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def stats(self) -> CollectStats:
+        end = self._stopped or time.monotonic()
+        connects = self.transport.connects if self.transport is not None else 0
+        return CollectStats(**self._counts, connects=connects,
+                            seconds=end - self._started if self._started else 0.0)
+
+    def start(self) -> Collector:
+        """Open the database (first: a bad path fails before any network), connect, subscribe."""
+        self._store = ResultStore(self.db_path, synchronous=self.synchronous)
+        self._started = time.monotonic()
+        self._writer = threading.Thread(target=self._write_loop, name="edgefleet-collect-writer",
+                                        daemon=True)
+        self._writer.start()
+        self._accepting = True
+        # manual ack: the PUBACK waits for the commit. Subscribing after the constructor (not
+        # through it) also adds a new filter to a session resumed from an earlier run.
+        try:
+            self.transport = Transport(self.broker, self.client_id, manual_ack=True,
+                                       on_message=self._on_message, on_connect=self._on_connect)
+        except Exception:  # TLS files, a password variable not set: close what was opened
+            self.stop()
+            raise
+        self.transport.subscribe(self.filters)
+        self.transport.start()
+        if not self._connected.wait(self.connect_timeout_s):
+            error = (self.transport.last_error or "").removeprefix(
+                f"cannot connect to {self.broker.url}: ")
+            self.stop()
+            raise CollectError(f"cannot connect to the broker at {self.broker.url}"
+                               f"{': ' + error if error else ''}")
+        self._wait_subscribed(self.connect_timeout_s)
+        return self
+
+    def _wait_subscribed(self, timeout: float) -> None:
+        """Until the broker confirmed the SUBSCRIBE: a new session has no subscription before
+        that, and a result published meanwhile would not come here. Transport has no public
+        signal for it yet; its SUBSCRIBEs wait for their SUBACK in `_unconfirmed`."""
+        pending = getattr(self.transport, "_unconfirmed", {})
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    def wait_for(self, stored: int, timeout: float | None = None) -> bool:
+        """Wait until at least `stored` new rows are committed."""
+        with self._progress:
+            return self._progress.wait_for(lambda: self._counts["stored"] >= stored, timeout)
+
+    def run(self, *, count: int | None = None, duration: float | None = None,
+            stop: threading.Event | None = None,
+            on_tick: Callable[[CollectStats], None] | None = None, tick_s: float = 0.5) -> bool:
+        """Collect until `count` rows are stored, `duration` seconds pass or `stop` is set; then
+        flush and stop. True unless a `count` was given and not reached."""
+        stop = stop or threading.Event()
+        deadline = None if duration is None else time.monotonic() + duration
+        self.start()
+        try:
+            while not stop.is_set():
+                wait = tick_s if deadline is None else max(0.0, min(tick_s,
+                                                                    deadline - time.monotonic()))
+                if count is not None:
+                    if self.wait_for(count, wait):
+                        break
+                else:
+                    stop.wait(wait)
+                if on_tick is not None:
+                    on_tick(self.stats)
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+        finally:
+            self.stop()
+        return count is None or self._counts["stored"] >= count
+
+    def stop(self, timeout: float = 30.0) -> CollectStats:
+        """Commit and acknowledge what arrived, then disconnect. Messages that arrive meanwhile
+        are not acknowledged: the session keeps them for this collector's next start."""
+        self._accepting = False
+        self._stopping.set()
+        if self._writer is not None and self._writer.is_alive():
+            self._queue.put(None)
+            self._writer.join(timeout)
+        if self.transport is not None:
+            self.transport.stop()  # the DISCONNECT queues behind the PUBACKs just sent
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        if self._stopped is None and self._started:
+            self._stopped = time.monotonic()
+        return self.stats
+
+    # -- paho's network thread: hand over, never block -----------------------------------
+
+    def _on_message(self, msg: Message) -> None:
+        if not self._accepting:
+            return  # not acknowledged: delivered again to this session
+        self._counts["received"] += 1
+        self._queue.put(msg)
+
+    def _on_connect(self, session_present: bool) -> None:
+        if self.transport is None:
+            return
+        if getattr(self.transport, "protocol", MQTT5) != MQTT5 and self.filters[0].startswith("$share/"):
+            self._without_sharing(self.transport)
+        self._connected.set()
+        if not session_present and self.transport.connects > 1:
+            log.warning("the broker lost %s's session (expired, or broker without persistence): "
+                        "results published meanwhile to this collector's share are gone",
+                        self.client_id)
+
+    def _without_sharing(self, transport: Transport) -> None:
+        """A broker without MQTT 5 (the embedded one) has no shared subscriptions: it would take
+        `$share/...` for a plain topic and send nothing. So this collector takes every result."""
+        plain = [f.split("/", 2)[2] for f in self.filters]
+        log.warning("%s does not speak MQTT 5: no shared subscriptions, so this collector takes "
+                    "every result (run one collector per broker)", self.broker.url)
+        transport.unsubscribe(self.filters)
+        transport.subscribe(plain)
+        self.filters = plain
+
+    # -- the writer thread ----------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        """One transaction per batch. A batch ends at batch_rows or as soon as the queue runs dry:
+        waiting for more rows would only stall the broker, which sends nothing past its in-flight
+        window until it has our PUBACKs. Under load the queue fills during a commit, so batches
+        grow by themselves (group commit)."""
+        assert self._store is not None
+        store, last = self._store, False
+        batch: list[Message] = []
+        while not last:
+            if not batch:
+                first = self._queue.get()
+                if first is None:
+                    return
+                batch.append(first)
+            while len(batch) < self.batch_rows:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    last = True
+                    break
+                batch.append(item)
+            try:
+                outcome = store.write([(m.topic, m.payload) for m in batch], time.time())
+            except sqlite3.Error as exc:
+                self._counts["write_errors"] += 1
+                log.warning("cannot commit %d results to %s (%s); retrying, unacknowledged",
+                            len(batch), self.db_path, exc)
+                if last or self._stopping.wait(1.0):
+                    return  # unacknowledged: the broker delivers them again at the next start
+                continue
+            self._acknowledge(batch)
+            self._count(outcome)
+            batch = []
+
+    def _acknowledge(self, batch: list[Message]) -> None:
+        assert self.transport is not None
+        for msg in batch:  # arrival order, as MQTT requires
+            self.transport.ack(msg.mid, msg.qos, msg.generation)
+
+    def _count(self, outcome: WriteOutcome) -> None:
+        with self._progress:
+            self._counts["stored"] += outcome.stored
+            self._counts["duplicates"] += outcome.duplicates
+            self._counts["rejects"] += outcome.rejects
+            self._counts["batches"] += 1
+            self._progress.notify_all()
+
+
+class ProgressLine:
+    """Progress on stderr: rewritten in place on a terminal, one line every 10 s otherwise (a
+    log file should not get two lines a second)."""
+
+    def __init__(self, out: TextIO | None = None) -> None:
+        self.out = out or sys.stderr
+        self.tty = self.out.isatty()
+        self._last = (time.monotonic(), 0)
+        self._printed = 0.0
+        self._rate = 0.0
+
+    def update(self, stats: CollectStats) -> None:
+        now = time.monotonic()
+        then, handled = self._last
+        if now - then >= 0.25:
+            self._rate = (stats.handled - handled) / (now - then)
+            self._last = (now, stats.handled)
+        if self.tty:
+            self.out.write(f"\r{self.line(stats, self._rate)}\x1b[K")
+            self.out.flush()
+        elif now - self._printed >= 10:
+            self._printed = now
+            print(self.line(stats, self._rate), file=self.out, flush=True)
+
+    def close(self, stats: CollectStats) -> None:
+        print(("\r" if self.tty else "") + self.line(stats, stats.rate) + " (average)"
+              + ("\x1b[K" if self.tty else ""), file=self.out, flush=True)
+
+    @staticmethod
+    def line(stats: CollectStats, rate: float) -> str:
+        return (f"{stats.stored} stored, {stats.duplicates} duplicates, {stats.rejects} rejected, "
+                f"{rate:,.0f}/s")
+
+
+class WarningLines(logging.Handler):
+    """edgefleet's warnings (a dropped link, a failed commit) as `warning: ...` lines on stderr,
+    once the collector has connected: before that, an unreachable broker is the one error line
+    the command ends with."""
+
+    def __init__(self, collector: Collector) -> None:
+        super().__init__(logging.WARNING)
+        self.collector = collector
+
+    def emit(self, record: logging.LogRecord) -> None:
+        transport = self.collector.transport
+        if transport is not None and transport.connects > 0:
+            print(f"warning: {record.getMessage()}", file=sys.stderr, flush=True)
