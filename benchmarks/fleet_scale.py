@@ -422,17 +422,179 @@ def section_collect(ctx: Context) -> None:
     f["sqlite_batch20_full_sync_per_s"] = round(sqlite_rate(work, total // 5, 20, "FULL"), 1)
 
 
+# -- 3. a group deploy to simulated devices -----------------------------------------------------
+
+GROUP_DEVICES = 50
+PER_PROCESS = 25  # simulated devices per process (each its own connection and network thread)
+GROUP_HIDDEN = 300  # image_mlp width: a package of about 450 KB, some 14 chunks
+
+
+def group_package(work: Path) -> tuple[Path, Path]:
+    """A signed package of about 450 KB, and the public key the devices trust."""
+    from runtime.package import write_package
+    from runtime.signing import generate_keypair, load_private_key
+    from tests.support.onnx_models import image_mlp
+
+    key, pub, _ = generate_keypair(work / "keys")
+    model = image_mlp(work / "groupnet.onnx", seed=5, hidden=GROUP_HIDDEN)
+    return write_package(work / "pkg-groupnet", model, name="groupnet", version="1",
+                         sign_key=load_private_key(key)).path, pub
+
+
+def publish_births(host: str, port: int, count: int, group: str) -> None:
+    """Retained births of `count` other devices (not in the group deployed to): what
+    resolve_targets has to read through."""
+    client = _client(host, port, "sim-others")
+    infos = [client.publish(protocol.Topics(f"other-{i:04d}").status, protocol.birth(
+        1, "edgefleet-agent/sim", [group], []), qos=1, retain=True) for i in range(count)]
+    for info in infos:
+        info.wait_for_publish(30)
+    client.loop_stop()
+    client.disconnect()
+
+
+class SimFleet:
+    """Simulated devices (benchmarks.sim_devices) in a few processes, PER_PROCESS in each."""
+
+    def __init__(self, url: str, groups: dict[str, list[str]], pub: Path) -> None:
+        from benchmarks.sim_devices import run_devices
+        from device_agents.delivery import WINDOW
+
+        spawn = mp.get_context("spawn")
+        self.stop_event, self.out = spawn.Event(), spawn.Queue()
+        names = list(groups)
+        self.procs, self.ready = [], []
+        for i in range(0, len(names), PER_PROCESS):
+            part = names[i:i + PER_PROCESS]
+            ready = spawn.Event()
+            self.procs.append(spawn.Process(target=run_devices, args=(
+                url, part, [groups[n] for n in part], [str(pub)], WINDOW, ready,
+                self.stop_event, self.out)))
+            self.ready.append(ready)
+
+    def start(self) -> None:
+        for proc in self.procs:
+            proc.start()
+        for ready in self.ready:
+            if not ready.wait(60):
+                raise TimeoutError("the simulated devices did not come online")
+
+    def stop(self) -> dict[str, dict[str, Any]]:
+        """Every device's Stats (as a dict), by name."""
+        self.stop_event.set()
+        stats = [s for _ in self.procs for s in self.out.get(timeout=30)]
+        for proc in self.procs:
+            proc.join(15)
+        return {s["device"]: s for s in stats}
+
+
+def counting_client(url: str) -> Any:
+    """The operator's FleetClient, counting the chunk bytes it asks the broker to retain."""
+    from device_agents.config import BrokerConfig
+    from device_agents.fleet.client import FleetClient
+
+    class Counting(FleetClient):
+        retained_bytes = 0
+        retained_chunks = 0
+
+        def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+            if retain and payload and topic.startswith(protocol.BLOBS_PREFIX):
+                self.retained_bytes += len(payload)
+                self.retained_chunks += 1
+            super().publish(topic, payload, retain)
+
+    return Counting(BrokerConfig(url=url, session_expiry_s=0), "bench")
+
+
+def section_deploy(ctx: Context) -> None:
+    from device_agents.fleet.deploy import deploy, plan, resolve_targets
+
+    devices = GROUP_DEVICES
+    names = [f"bench-{i:03d}" for i in range(devices)]
+    package, pub = group_package(ctx.work)
+    ctx.params.update({"group_devices": devices, "group_devices_per_process": PER_PROCESS,
+                       "group_other_statuses": DEVICES, "group_package": "image_mlp "
+                       f"hidden={GROUP_HIDDEN}, signed", "group_health_window_s": 0})
+    f = ctx.figures
+    broker = Mosquitto(ctx.work / "mq-deploy")  # Mosquitto's defaults: what a fleet would run
+    broker.start()
+    fleet = SimFleet(broker.url, {"solo-000": ["solo"], **{n: ["bench"] for n in names}}, pub)
+    stats: dict[str, dict[str, Any]] = {}
+    try:
+        publish_births(broker.host, broker.port, DEVICES, "sim")
+        fleet.start()
+        with counting_client(broker.url) as client:
+            t0 = time.perf_counter()
+            targets = resolve_targets(client, (), "bench")
+            f["group_resolve_s"] = round(time.perf_counter() - t0, 3)
+            f["group_resolve_found"] = len(targets)
+            f["group_resolve_exact"] = int(targets == names)  # the group, nobody else
+            # one device alone, side by side: what the group costs over a single delivery
+            t0 = time.perf_counter()
+            solo = deploy(client, plan(package, 0, 0.2), ["solo-000"], timeout=60)
+            f["group_deploy_solo_s"] = round(time.perf_counter() - t0, 3)
+            f["group_deploy_solo_active"] = sum(o.ok and o.healthy for o in solo)
+            client.retained_bytes = client.retained_chunks = 0
+            the_plan = plan(package, 0, 0.2)
+            pids = {"broker": broker.proc.pid if broker.proc else 0, "fleet": os.getpid(),
+                    **{f"sims{i}": p.pid or 0 for i, p in enumerate(fleet.procs)}}
+            before = CpuSample.take(pids)
+            t0 = time.perf_counter()
+            started = time.time()
+            outcomes = deploy(client, the_plan, targets, timeout=120)
+            wall = time.perf_counter() - t0
+            cpu = CpuSample.take(pids).since(before)
+            retained = (client.retained_bytes, client.retained_chunks)
+    finally:
+        try:
+            stats = fleet.stop()
+        finally:
+            broker.stop()
+    group = [stats[n] for n in names if n in stats]
+    active = sum(o.ok and o.healthy for o in outcomes)
+    delivered = sum(s["chunk_bytes"] for s in group)
+    requested = sorted(s["requested_at"] for s in group if s["requested_at"])
+    device_s = [s["active_at"] - s["requested_at"] for s in group if s["active_at"]]
+    f.update({
+        "group_deploy_devices": devices,
+        "group_deploy_active": active,
+        "group_deploy_failed": [o.as_dict() for o in outcomes if not (o.ok and o.healthy)][:3],
+        "group_deploy_s": round(wall, 3),
+        "group_deploy_vs_solo": round(wall / f["group_deploy_solo_s"], 2),
+        "group_package_bytes": the_plan.total_bytes,
+        "group_package_chunks": len(the_plan.chunks),
+        "group_retained_bytes": retained[0],
+        "group_retained_chunks": retained[1],
+        "group_delivered_bytes": delivered,
+        "group_fanout": round(delivered / max(1, retained[0]), 2),
+        "group_unwanted_bytes": sum(s["unwanted_bytes"] for s in group),
+        "group_bad_chunks": sum(s["bad_chunks"] for s in group),
+        # deploy() asks the devices one after another: the span of its request loop
+        "group_request_loop_s": round(requested[-1] - requested[0], 3) if requested else None,
+        "group_request_ms_per_device": round(1000 * (requested[-1] - requested[0])
+                                             / max(1, len(requested) - 1), 1) if requested else None,
+        "group_first_request_after_s": round(requested[0] - started, 3) if requested else None,
+        "group_device_request_to_active_median_s": round(statistics.median(device_s), 3)
+        if device_s else None,
+        "group_device_request_to_active_max_s": round(max(device_s), 3) if device_s else None,
+        **{f"group_cpu_{k}": v for k, v in cpu.items()},
+    })
+
+
 # -- the report ---------------------------------------------------------------------------------
 
 SECTIONS: dict[str, Callable[[Context], None]] = {
     "status": section_status,
     "collect": section_collect,
+    "deploy": section_deploy,
 }
 TARGETS: dict[str, list[Target]] = {
     "status": [Target("status_view_all_devices_s", "<=", 2.0),
                Target("status_cli_rows", ">=", DEVICES)],
     "collect": [Target("collect_one_per_s", ">=", 5000), Target("collect_two_vs_one", ">=", 1.3),
                 Target("collect_duplicates", "<=", 0)],
+    "deploy": [Target("group_resolve_exact", ">=", 1),
+               Target("group_deploy_active", ">=", GROUP_DEVICES)],
 }
 
 

@@ -245,6 +245,18 @@ class Transport:
                 else:
                     self._unconfirmed[mid] = part
 
+    def wait_subscribed(self, timeout: float | None = None) -> bool:
+        """Wait until connected and every SUBSCRIBE sent has its SUBACK: on a new session a
+        message published before that is not routed here."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._sub_lock:
+                if self.connected and not self._unconfirmed and not self._subscribe_later:
+                    return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+
     def unsubscribe(self, topics: list[str]) -> None:
         with self._sub_lock:
             gone = [t for t in topics if t in self.subscriptions]

@@ -82,7 +82,7 @@ class FleetClient:
         waiter: queue.Queue[dict[str, Any]] = queue.Queue()
         self._responses[transaction] = waiter
         self.transport.subscribe([topics.response(command)])
-        time.sleep(0.05)  # the SUBACK travels before the request's answer can
+        self.transport.wait_subscribed(timeout)  # or the answer could come before the route
         try:
             self.publish(topics.request(command),
                          protocol.encode({"transaction": transaction, **(args or {})}))

@@ -329,17 +329,8 @@ class Collector:
             self.stop()
             raise CollectError(f"cannot connect to the broker at {self.broker.url}"
                                f"{': ' + error if error else ''}")
-        self._wait_subscribed(self.connect_timeout_s)
+        self.transport.wait_subscribed(self.connect_timeout_s)
         return self
-
-    def _wait_subscribed(self, timeout: float) -> None:
-        """Until the broker confirmed the SUBSCRIBE: a new session has no subscription before
-        that, and a result published meanwhile would not come here. Transport has no public
-        signal for it yet; its SUBSCRIBEs wait for their SUBACK in `_unconfirmed`."""
-        pending = getattr(self.transport, "_unconfirmed", {})
-        deadline = time.monotonic() + timeout
-        while pending and time.monotonic() < deadline:
-            time.sleep(0.005)
 
     def wait_for(self, stored: int, timeout: float | None = None) -> bool:
         """Wait until at least `stored` new rows are committed."""

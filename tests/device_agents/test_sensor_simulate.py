@@ -210,13 +210,15 @@ def test_an_npz_dataset_from_python_with_progress(bench: Bench, tmp_path: Path,
         SensorSimulator(BrokerConfig(), "d", "s", load_dataset("sine"), qos=2)
 
 
-def test_the_mosquitto_pub_example_in_the_docs_works(bench: Bench) -> None:
-    """The two commands of docs/sensors.md, run as written (test broker and device substituted)."""
+@pytest.mark.parametrize("doc", [DOCS, DOCS.parent.parent / "README.md"], ids=["docs", "readme"])
+def test_the_mosquitto_pub_example_in_the_docs_works(bench: Bench, doc: Path) -> None:
+    """The two commands of docs/sensors.md and of the README, run as written (test broker and
+    device substituted)."""
     bench.start_online()
-    lines = DOCS.read_text().splitlines()
+    lines = [x.split("   #")[0] for x in doc.read_text().splitlines()]
 
     def command(program: str) -> list[str]:
-        line = next(x for x in lines if x.startswith(program + " "))
+        line = next(x for x in lines if x.startswith(program + " ") and "/camera0" in x)
         line = line.replace("-h 127.0.0.1 -p 1883", f"-h {bench.broker.host} -p {bench.broker.port}")
         return shlex.split(line.replace("edge-001", bench.device_id))
 
