@@ -65,7 +65,6 @@ def test_broker_restart_mid_stream_loses_no_result(bench: Bench, digits_samples)
     assert len(results) + len(early) >= n
 
 
-@pytest.mark.mosquitto_only(reason=NO_SESSION)
 def test_uplink_outage_local_inference_goes_on(bench: Bench, digits_samples) -> None:  # type: ignore[no-untyped-def]
     """Sensors on the local broker, uplink through an emulated LTE link that is cut: results
     pile up in the outbox and all arrive once the link is back."""
@@ -88,7 +87,6 @@ def test_uplink_outage_local_inference_goes_on(bench: Bench, digits_samples) -> 
     assert len(results) == 80
 
 
-@pytest.mark.mosquitto_only(reason=NO_SESSION)
 def test_uplink_reset_outage_reconnects_and_drains(bench: Bench, digits_samples) -> None:  # type: ignore[no-untyped-def]
     with LinkEmulator((bench.broker.host, bench.broker.port), "5g-embb", seed=2) as link:
         bench.uplink_through(link, local_sensors=True)

@@ -9,6 +9,7 @@ import time
 import uuid
 
 import numpy as np
+import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -170,7 +171,14 @@ def test_requests(bench: Bench) -> None:
     unknown = call("reboot-the-moon", {})
     assert unknown["status"] == "error"
     assert "unknown command" in unknown["error"]
-    # MQTT 5 response topic and correlation data
+
+
+@pytest.mark.mosquitto_only(reason="MQTT 5 response topics: the embedded broker speaks MQTT 3.1.1")
+def test_requests_honour_the_mqtt5_response_topic(bench: Bench) -> None:
+    watcher = bench.peer()
+    bench.agent()
+    wait_for_status(watcher, "online")
+    req = f"{ROOT}/{bench.device_id}/request"
     reply_to = f"test/{uuid.uuid4().hex[:8]}/reply"
     watcher.client.subscribe(reply_to, qos=1)
     time.sleep(0.2)
