@@ -17,6 +17,7 @@ import base64
 import binascii
 import hashlib
 import json
+import multiprocessing as mp
 import queue
 import threading
 import time
@@ -38,16 +39,18 @@ class RefusedError(Exception):
 
 @dataclass
 class Stats:
-    """What one device saw, in wall-clock time (comparable across processes on one machine)."""
+    """What one device saw of one deployment, in wall-clock time (comparable across processes
+    on one machine). Deployment "" holds what no deployment was waiting for."""
 
     device: str
+    deployment: str = ""
     requested_at: float = 0.0
     answered_at: float = 0.0
     first_chunk_at: float = 0.0
     complete_at: float = 0.0
     active_at: float = 0.0
     chunks: int = 0
-    chunk_bytes: int = 0  # every non-empty chunk payload that arrived, wanted or not
+    chunk_bytes: int = 0  # chunk payloads that arrived for it
     unwanted_bytes: int = 0  # arrived but not (or no longer) wanted: a duplicate
     bad_chunks: int = 0
     phase: str = "idle"
@@ -64,6 +67,7 @@ class Delivery:
     chunks: list[tuple[str, int]]
     health_window_s: float
     missing: set[str] = field(default_factory=set)
+    stats: Stats = field(default_factory=lambda: Stats(""))
 
     @property
     def total_bytes(self) -> int:
@@ -83,7 +87,7 @@ class SimDevice:
                  ) -> None:
         self.name, self.groups, self.keys, self.window = name, groups, keys, window
         self.topics = protocol.Topics(name)
-        self.stats = Stats(name)
+        self.stats: dict[str, Stats] = {"": Stats(name)}  # by deployment
         self.held: dict[str, bytes] = {}
         self.models: dict[str, dict[str, str]] = {}
         self.active: dict[str, Delivery] = {}
@@ -151,8 +155,9 @@ class SimDevice:
             self._finish(self.complete.pop())
 
     def _deploy(self, args: dict[str, Any]) -> dict[str, Any]:
-        self.stats.requested_at = time.time()
+        requested_at = time.time()
         dep = self._check(args)
+        dep.stats = self.stats[dep.deployment] = Stats(self.name, dep.deployment, requested_at)
         if self.models.get(dep.name, {}).get("version") == dep.version:
             self._state(dep, "active", 1.0)
             return {"deployment": dep.deployment, "need": [], "need_bytes": 0,
@@ -166,7 +171,7 @@ class SimDevice:
         if not dep.missing:
             self.complete.append(dep)
         self._refill()
-        self.stats.answered_at = time.time()
+        dep.stats.answered_at = time.time()
         return {"deployment": dep.deployment, "need": sorted(dep.missing),
                 "need_bytes": need_bytes, "have_bytes": dep.total_bytes - need_bytes}
 
@@ -206,26 +211,26 @@ class SimDevice:
     def _chunk(self, sha: str, payload: bytes) -> None:
         if not payload:  # a cleared retained chunk
             return
-        now = time.time()
-        self.stats.first_chunk_at = self.stats.first_chunk_at or now
-        self.stats.chunks += 1
-        self.stats.chunk_bytes += len(payload)
         waiting = self.wanted.get(sha)
         if waiting is None:
-            self.stats.unwanted_bytes += len(payload)
+            self.stats[""].chunks += 1
+            self.stats[""].unwanted_bytes += len(payload)
             return
+        deps = [dep for dep_id in waiting if (dep := self.active.get(dep_id)) is not None]
+        for dep in deps:
+            dep.stats.first_chunk_at = dep.stats.first_chunk_at or time.time()
+            dep.stats.chunks += 1
+            dep.stats.chunk_bytes += len(payload)
         self.transport.unsubscribe([protocol.blob_topic(sha)])
         self.subscribed.discard(sha)
         if hashlib.sha256(payload).hexdigest() != sha:
-            self.stats.bad_chunks += 1  # subscribed again by _refill: fetched again
+            for dep in deps:
+                dep.stats.bad_chunks += 1  # subscribed again by _refill: fetched again
             self._refill()
             return
         self.held[sha] = payload
         del self.wanted[sha]
-        for dep_id in waiting:
-            dep = self.active.get(dep_id)
-            if dep is None:
-                continue
+        for dep in deps:
             dep.missing.discard(sha)
             if not dep.missing:
                 self._finish(dep)
@@ -234,7 +239,7 @@ class SimDevice:
         self._refill()
 
     def _finish(self, dep: Delivery) -> None:
-        self.stats.complete_at = time.time()
+        dep.stats.complete_at = time.time()
         self._state(dep, "verifying", 1.0)
         data = b"".join(self.held[sha] for sha, _ in dep.chunks)
         self.active.pop(dep.deployment, None)
@@ -245,7 +250,7 @@ class SimDevice:
         self._state(dep, "staged", 1.0)
         self.models[dep.name] = {"name": dep.name, "version": dep.version, "sha256": dep.sha256}
         self._state(dep, "active", 1.0)
-        self.stats.active_at = time.time()
+        dep.stats.active_at = time.time()
         self.publish_birth()
         if dep.health_window_s > 0:  # nothing is served here: the window passes quietly
             threading.Timer(dep.health_window_s, self._state,
@@ -255,7 +260,7 @@ class SimDevice:
 
     def _state(self, dep: Delivery, phase: str, progress: float, error: str | None = None,
                **extra: Any) -> None:
-        self.stats.phase, self.stats.error = phase, error
+        dep.stats.phase, dep.stats.error = phase, error
         self.publish(self.topics.model_state(dep.name), protocol.encode({
             "deployment": dep.deployment, "version": dep.version, "phase": phase,
             "progress": progress, "error": error, "ts": protocol.now(), **extra}), retain=True)
@@ -277,7 +282,7 @@ def run_devices(url: str, names: list[str], groups: list[list[str]], key_paths: 
             try:
                 device.handle(msg)
             except Exception as exc:  # a broken step is a figure, not a crash
-                device.stats.error = f"{msg.topic}: {exc!r}"
+                device.stats[""].error = f"{msg.topic}: {exc!r}"
 
     worker = threading.Thread(target=work, name="sim-worker", daemon=True)
     worker.start()
@@ -293,10 +298,56 @@ def run_devices(url: str, names: list[str], groups: list[list[str]], key_paths: 
             time.sleep(0.01)
     ready.set()
     stop.wait()
-    out.put([asdict(d.stats) for d in devices])
+    out.put([asdict(st) for d in devices for st in d.stats.values()])
     for device in devices:
         device.publish(device.topics.status, protocol.offline(1), retain=True)
     for device in devices:
         device.flush(5)
         device.transport.stop(2)
     inbox.put(None)  # type: ignore[arg-type]
+
+
+class SimFleet:
+    """Simulated devices spread over a few processes (names dealt out in turn), from the
+    benchmark's side: start them, then stop them and collect what each one saw."""
+
+    def __init__(self, url: str, groups: dict[str, list[str]], public_key: Path,
+                 processes: int = 2) -> None:
+        from device_agents.delivery import WINDOW  # here: the devices' processes stay light
+
+        spawn = mp.get_context("spawn")
+        self.stop_event, self.out = spawn.Event(), spawn.Queue()
+        names = list(groups)
+        self.procs, self.ready = [], []
+        for i in range(processes):
+            part = names[i::processes]
+            ready = spawn.Event()
+            self.procs.append(spawn.Process(target=run_devices, args=(
+                url, part, [groups[n] for n in part], [str(public_key)], WINDOW, ready,
+                self.stop_event, self.out)))
+            self.ready.append(ready)
+
+    def start(self, timeout: float = 120) -> None:
+        for proc in self.procs:
+            proc.start()
+        for ready in self.ready:
+            if not ready.wait(timeout):
+                raise TimeoutError("the simulated devices did not come online")
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {f"sims{i}": p.pid or 0 for i, p in enumerate(self.procs)}
+
+    def stop(self) -> list[dict[str, Any]]:
+        """What each device saw of each deployment (Stats, as dicts)."""
+        self.stop_event.set()
+        stats = [s for _ in self.procs for s in self.out.get(timeout=60)]
+        for proc in self.procs:
+            proc.join(15)
+        return stats
+
+    def kill(self) -> None:
+        """After a failure: nothing of ours left running."""
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.terminate()

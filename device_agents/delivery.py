@@ -124,7 +124,8 @@ class DeliveryManager:
         entry = self.store.entry(dep.name)
         if entry.get("active") == dep.version and (self.store.path(dep.name, dep.version)
                                                    / "manifest.json").exists():
-            self._state(dep, "active", 1.0)
+            # nothing to do; it passed its own health window when it was activated
+            self._state(dep, "active", 1.0, healthy=True)
             return {"deployment": dep.id, "need": [], "need_bytes": 0, "already_active": True}
         if manifest.sha256 != args.get("sha256", manifest.sha256):
             raise RequestError("descriptor sha256 does not match the signed manifest")

@@ -1,4 +1,5 @@
-"""The Mosquitto fixture is a real broker: independent clients talk through it and it survives restarts."""
+"""The broker fixtures are real brokers: independent clients talk through them, and Mosquitto
+survives restarts."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def test_retained_message_reaches_an_independent_client(broker: Mosquitto, uniqu
     assert _sub_one(broker, f"{unique_topic}/status") == '{"state":"online"}'
 
 
+@pytest.mark.mosquitto_only(reason="the embedded broker keeps retained messages in memory")
 def test_broker_restart_keeps_retained_state(broker: Mosquitto, unique_topic: str):
     _pub(broker, f"{unique_topic}/status", "before-restart", "-r")
     port = broker.port
@@ -53,7 +55,8 @@ def test_paho_client_round_trip(broker: Mosquitto, unique_topic: str):
 
     got: queue.Queue[bytes] = queue.Queue()
     subscribed = threading.Event()
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                         protocol=mqtt.MQTTv5 if broker.mqtt5 else mqtt.MQTTv311)
     client.on_message = lambda _c, _u, msg: got.put(msg.payload)
     client.on_subscribe = lambda *_args: subscribed.set()
     client.connect(broker.host, broker.port)

@@ -181,7 +181,8 @@ def call_command(device: str, command: str, args: tuple[str, ...], timeout: floa
 @fleet.command("status")
 @click.option("--watch", is_flag=True, help="Keep the table up to date until Ctrl-C.")
 @click.option("--wait", type=float, default=1.5, show_default=True,
-              help="Seconds to listen for retained status and telemetry before printing.")
+              help="At most this many seconds listening for retained status and telemetry before "
+                   "printing (less once every status is in and online devices reported).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @broker_options
 def status_command(watch: bool, wait: float, as_json: bool, broker_config: BrokerConfig) -> None:
@@ -216,7 +217,7 @@ def status_command(watch: bool, wait: float, as_json: bool, broker_config: Broke
 
     with FleetClient(broker_config, "status") as client:
         view = FleetView(client)
-        time.sleep(wait)
+        view.settle(wait)
         if as_json:
             click.echo(json.dumps(view.snapshot()))
             return

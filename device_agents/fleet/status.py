@@ -38,8 +38,27 @@ class FleetView:
     def __init__(self, client: FleetClient) -> None:
         self.rows: dict[str, DeviceRow] = {}
         self._lock = threading.Lock()
+        self._client = client
+        self._last_status = 0.0  # monotonic time of the latest status message
         client.listen(f"{protocol.ROOT}/+/status", f"{protocol.ROOT}/", self._on)
         client.listen(f"{protocol.ROOT}/+/telemetry", f"{protocol.ROOT}/", self._on)
+
+    def settle(self, max_s: float, quiet_s: float = 0.25) -> None:
+        """Wait until the view is as complete as it will get soon, at most `max_s` seconds:
+        the retained statuses arrived (none for `quiet_s` after the SUBACK) and every online
+        device sent telemetry. Telemetry is not retained: a device that reports every 30 s
+        shows its figures only if it reports within `max_s`, or in `--watch`."""
+        deadline = time.monotonic() + max_s
+        self._client.transport.wait_subscribed(max_s)
+        subscribed = time.monotonic()
+        while time.monotonic() < deadline:
+            with self._lock:
+                quiet = time.monotonic() - max(self._last_status, subscribed) >= quiet_s
+                waiting = any(r.status.get("state") == "online" and not r.telemetry_at
+                              for r in self.rows.values())
+            if quiet and not waiting:
+                return
+            time.sleep(0.02)
 
     def _on(self, topic: str, doc: Any) -> None:
         parts = topic.split("/")
@@ -49,6 +68,7 @@ class FleetView:
             row = self.rows.setdefault(parts[2], DeviceRow(parts[2]))
             if parts[3] == "status":
                 row.status, row.status_at = doc, time.time()
+                self._last_status = time.monotonic()
             else:
                 row.telemetry, row.telemetry_at = doc, time.time()
 

@@ -187,6 +187,18 @@ def test_delta_deploy_reports_only_missing_bytes(mlp_bench: Bench, mlp: dict[str
     assert 0 < outcome["devices"][0]["need_bytes"] <= 0.10 * size
 
 
+def test_deploying_the_active_version_is_a_quick_no_op(mlp_bench: Bench, mlp: dict[str, Path]
+                                                     ) -> None:
+    """The device already serves v1: it needs nothing, and says active and healthy at once (the
+    deploy command would otherwise wait for a health window that never starts)."""
+    mlp_bench.start_online()
+    code, outcome = fleet_deploy(mlp_bench.broker.url, mlp["v1"], mlp_bench.device_id, timeout=20)
+    assert code == 0, outcome
+    device = outcome["devices"][0]
+    assert device["healthy"], device
+    assert device["need_bytes"] == 0
+
+
 def _deploy_in_background(mlp_bench: Bench, package: Path) -> tuple[threading.Thread, list[Any]]:
     result: list[Any] = []
     thread = threading.Thread(target=lambda: result.append(

@@ -24,12 +24,14 @@ from tests.support.tcp import connect, round_trips, serve
 class Watcher:
     """A paho client that records connects, disconnects and messages."""
 
-    def __init__(self, host: str, port: int, topic: str, keepalive: int = 60) -> None:
+    def __init__(self, host: str, port: int, topic: str, keepalive: int = 60,
+                 v5: bool = True) -> None:
         self.connects = 0
         self.disconnects = 0
         self.connected = threading.Event()
         self.messages: queue.Queue[bytes] = queue.Queue()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                                  protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
         self.client.reconnect_delay_set(0.1, 0.5)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -72,7 +74,7 @@ def test_mqtt_client_reconnects_after_an_outage(broker: Mosquitto, unique_topic:
                                                 mode: str) -> None:
     topic = f"{unique_topic}/t"
     with LinkEmulator((broker.host, broker.port), "5g-embb", seed=1) as link:
-        watcher = Watcher(*link.address, topic, keepalive=1)
+        watcher = Watcher(*link.address, topic, keepalive=1, v5=broker.mqtt5)
         try:
             assert watcher.connected.wait(10)
             time.sleep(0.2)  # SUBACK
