@@ -353,7 +353,7 @@ def _query(db: Path, sql: str) -> float:
 
 def sqlite_rate(work: Path, total: int, batch: int, synchronous: str) -> float:
     """ResultStore.write alone, on the same rows: the disk side's ceiling."""
-    from device_agents.fleet.collect import ResultStore
+    from device_agents.fleet.results_db import ResultStore
 
     store = ResultStore(work / f"bare-{batch}-{synchronous}.db", synchronous=synchronous)
     topic = protocol.Topics("bare").output("camera0")

@@ -55,7 +55,8 @@ def broker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.group()
 def fleet() -> None:
-    """Operate the fleet: deploy packages, roll back, call devices, watch their status."""
+    """Operate the fleet: deploy packages, roll back, call devices, watch their status, collect
+    their results."""
 
 
 @fleet.command("deploy")
