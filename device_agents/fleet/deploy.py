@@ -107,8 +107,12 @@ def deploy(client: FleetClient, the_plan: Plan, devices: list[str], *, canary: i
     try:
         for i, wave in enumerate(waves):
             started = time.monotonic()
+            answers = client.request_many(wave, "deploy", the_plan.descriptor, timeout=30)
             for device in wave:
-                _start(client, the_plan, outcomes[device], by_sha, published, on_update)
+                _start(client, the_plan, outcomes[device], answers[device], by_sha, published,
+                       on_update)
+            if not client.flush(120):
+                raise FleetError("the broker did not acknowledge the chunks within 120 s")
             deadline = started + timeout
             for device in wave:
                 out = outcomes[device]
@@ -129,12 +133,13 @@ def deploy(client: FleetClient, the_plan: Plan, devices: list[str], *, canary: i
     return [outcomes[d] for d in devices]
 
 
-def _start(client: FleetClient, the_plan: Plan, out: Outcome, by_sha: dict[str, Chunk],
-           published: set[str], on_update: Callable[[Outcome], None] | None) -> None:
-    try:
-        response = client.request(out.device, "deploy", the_plan.descriptor, timeout=30)
-    except FleetError as exc:
-        out.phase, out.error = "failed", str(exc)
+def _start(client: FleetClient, the_plan: Plan, out: Outcome,
+           response: dict[str, Any] | FleetError, by_sha: dict[str, Chunk], published: set[str],
+           on_update: Callable[[Outcome], None] | None) -> None:
+    """Act on one device's answer to the deploy request: publish the chunks it lacks that no
+    other device asked for first (one retained copy serves them all)."""
+    if isinstance(response, FleetError):
+        out.phase, out.error = "failed", str(response)
         out.done.set()
         return
     if response.get("status") != "ok":
@@ -152,8 +157,6 @@ def _start(client: FleetClient, the_plan: Plan, out: Outcome, by_sha: dict[str, 
         client.publish(protocol.blob_topic(sha),
                        the_plan.data[chunk.offset:chunk.offset + chunk.size], retain=True)
         published.add(sha)
-    if not client.flush(120):
-        raise FleetError("the broker did not acknowledge the chunks within 120 s")
 
 
 def resolve_targets(client: FleetClient, devices: tuple[str, ...], group: str | None) -> list[str]:
