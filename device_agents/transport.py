@@ -329,6 +329,13 @@ class Transport:
         if self._downgrade:  # the broker refused MQTT 5: speak 3.1.1 from now on
             self._downgrade = False
             self.protocol = mqtt.MQTTv311
+            # paho's disconnect() sends nothing on a connection that never got its CONNACK and
+            # leaves the socket open; closed later by the garbage collector, the broker would
+            # end the session our new connection holds by then. Close it now.
+            old = self._client.socket()
+            if old is not None:
+                with contextlib.suppress(OSError):
+                    old.close()
             self._client = self._build_client(mqtt.MQTTv311)
             self._first = True
             self.backoff.reset()
