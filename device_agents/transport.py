@@ -158,6 +158,11 @@ class Transport:
         client.on_subscribe = self._handle_subscribe
         return client
 
+    def _fall_back_to_311(self) -> None:
+        """The next connect speaks MQTT 3.1.1 (see _connect_once)."""
+        log.info("%s does not speak MQTT 5; using MQTT 3.1.1", self.broker.url)
+        self._downgrade = True
+
     def _refuses_mqtt5(self) -> bool:
         """Whether the broker answers a bare MQTT 5 CONNECT with 'unsupported protocol version'.
 
@@ -299,8 +304,7 @@ class Transport:
                         and self.protocol == mqtt.MQTTv5):
                     probed = True  # a slow CONNACK: ask whether the broker speaks MQTT 5 at all
                     if self._refuses_mqtt5():
-                        log.info("%s does not speak MQTT 5; using MQTT 3.1.1", self.broker.url)
-                        self._downgrade = True
+                        self._fall_back_to_311()
                         with contextlib.suppress(Exception):
                             client.disconnect()
                         break
@@ -315,8 +319,7 @@ class Transport:
             elif (not self._connack_seen and not probed and not self._downgrade
                   and self.protocol == mqtt.MQTTv5 and not self._stop.is_set()
                   and self._refuses_mqtt5()):
-                log.info("%s does not speak MQTT 5; using MQTT 3.1.1", self.broker.url)
-                self._downgrade = True
+                self._fall_back_to_311()
             if not self._stop.is_set():
                 self._stop.wait(self.backoff.next())
         # flush the DISCONNECT written by stop()
@@ -365,8 +368,7 @@ class Transport:
             if self.protocol == mqtt.MQTTv5 and reason == "Unsupported protocol version":
                 # A 3.1.1-only broker (amqtt, older Mosquitto). Everything the agent needs works
                 # over 3.1.1; MQTT 5 response topics and shared subscriptions do not.
-                log.info("%s does not speak MQTT 5; using MQTT 3.1.1", self.broker.url)
-                self._downgrade = True
+                self._fall_back_to_311()
                 client.disconnect()
                 return
             self._note_error(f"{self.broker.url} refused the connection: {reason}")

@@ -77,22 +77,10 @@ class FleetClient:
     def request(self, device: str, command: str, args: dict[str, Any] | None = None,
                 timeout: float = 30.0) -> dict[str, Any]:
         """Send a request and wait for its response (matched by transaction id)."""
-        topics = protocol.Topics(device)
-        transaction = uuid.uuid4().hex
-        waiter: queue.Queue[dict[str, Any]] = queue.Queue()
-        self._responses[transaction] = waiter
-        self.transport.subscribe([topics.response(command)])
-        self.transport.wait_subscribed(timeout)  # or the answer could come before the route
-        try:
-            self.publish(topics.request(command),
-                         protocol.encode({"transaction": transaction, **(args or {})}))
-            try:
-                return waiter.get(timeout=timeout)
-            except queue.Empty:
-                raise FleetError(f"{device} did not answer {command} within {timeout:g} s "
-                                 "(offline, or not running edgefleet)") from None
-        finally:
-            self._responses.pop(transaction, None)
+        answer = self.request_many([device], command, args, timeout)[device]
+        if isinstance(answer, FleetError):
+            raise answer
+        return answer
 
     def request_many(self, devices: list[str], command: str, args: dict[str, Any] | None = None,
                      timeout: float = 30.0) -> dict[str, dict[str, Any] | FleetError]:

@@ -7,13 +7,11 @@ loses retained messages and sessions (the tests that need them to survive say so
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from tests.support.mosquitto import free_port
+from tests.support.mosquitto import free_port, stop_process, wait_listening
 
 
 class EmbeddedBrokerProcess:
@@ -46,32 +44,13 @@ class EmbeddedBrokerProcess:
             [sys.executable, "-m", "edgefleet", "broker", "--host", self.host, "--port",
              str(self.port)], stdout=log, stderr=log)
         log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"edgefleet broker exited with {self.proc.returncode}: "
-                                   f"{self.log_path.read_text()}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"edgefleet broker did not listen on port {self.port} within {timeout}s")
+        wait_listening(self.proc, self.host, self.port, timeout, "edgefleet broker",
+                       self.log_path.read_text, self.stop)
 
     def stop(self, *, kill: bool = False) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            if kill:
-                self.proc.kill()
-            else:
-                self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, kill=kill)
         self.proc = None
 
     def restart(self) -> None:

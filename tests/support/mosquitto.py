@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -19,6 +20,36 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def wait_listening(proc: subprocess.Popen[bytes], host: str, port: int, timeout: float, name: str,
+                   logs: Callable[[], str], on_timeout: Callable[[], None]) -> None:
+    """Until a broker process accepts TCP on host:port; its logs in the error if it exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}: {logs()}")
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    on_timeout()
+    raise RuntimeError(f"{name} did not listen on port {port} within {timeout}s")
+
+
+def stop_process(proc: subprocess.Popen[bytes], *, kill: bool = False) -> None:
+    """SIGTERM (a clean stop) or SIGKILL (a crash), then SIGKILL if it does not go in 10 s."""
+    if proc.poll() is None:
+        if kill:
+            proc.kill()
+        else:
+            proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 class Mosquitto:
@@ -71,34 +102,15 @@ class Mosquitto:
             return
         self.proc = subprocess.Popen([self.binary, "-c", str(self.conf_path)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {err}"
-                                   f"{self.log_path.read_text() if self.log_path.exists() else ''}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"mosquitto did not listen on port {self.port} within {timeout}s")
+        wait_listening(self.proc, self.host, self.port, timeout, "mosquitto", lambda: (
+            (self.proc.stderr.read().decode() if self.proc and self.proc.stderr else "")
+            + (self.log_path.read_text() if self.log_path.exists() else "")), self.stop)
 
     def stop(self, *, kill: bool = False) -> None:
         """Stop the broker: SIGTERM saves its state; kill=True is a crash (SIGKILL)."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            if kill:
-                self.proc.kill()
-            else:
-                self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, kill=kill)
         if self.proc.stderr:
             self.proc.stderr.close()
         self.proc = None
