@@ -22,6 +22,8 @@ class Candidate:
     note: str = ""
     #: the float model this candidate was quantized from (the pruned one when pruning)
     origin: Path | None = None
+    #: stores weights in INT8 but runs the float graph once loaded: the float model's speed
+    float_compute: bool = False
 
     def within(self, tolerance: float) -> bool:
         return self.quality is not None and self.quality.loss <= tolerance + 1e-12
@@ -32,4 +34,5 @@ class Candidate:
             "transfer_size": self.transfer_size,
             "latency_ms": None if math.isnan(self.latency_ms) else round(self.latency_ms, 4),
             "quality": self.quality.as_dict() if self.quality else None, "note": self.note,
+            "float_compute": self.float_compute,
         }

@@ -19,6 +19,8 @@ import numpy as np
 from compress.candidates import Candidate
 from compress.data import Dataset
 from compress.evaluate import file_sizes, outputs, quality
+from compress.passes.quantize_weights import NAME as WEIGHTS_PASS
+from compress.passes.quantize_weights import OPS as WEIGHT_OPS
 
 if TYPE_CHECKING:
     from compress.pipeline import _Context
@@ -44,8 +46,12 @@ def fall_back_until_within(ctx: _Context, baseline: Candidate, cand: Candidate) 
     step = _step_of(ctx, cand)
     if step is None:
         return None
-    ops = ("MatMul", "Gemm", "Gather") if step.name.startswith("dynamic") \
-        else ("Conv", "MatMul", "Gemm")
+    if step.name.startswith("dynamic"):
+        ops: tuple[str, ...] = ("MatMul", "Gemm", "Gather")
+    elif step.name == WEIGHTS_PASS:
+        ops = WEIGHT_OPS
+    else:
+        ops = ("Conv", "MatMul", "Gemm")
     origin = cand.origin or baseline.path
     nodes = quantizable_nodes(origin, ops)
     if step.name.startswith("dynamic"):
@@ -154,10 +160,13 @@ def _run_exposed(path: Path, tensors: list[str], feeds: dict[str, np.ndarray], t
 def _step_of(ctx: _Context, cand: Candidate) -> Any:
     from compress.passes.quantize_dynamic import DynamicQuantize
     from compress.passes.quantize_static import StaticQuantize
+    from compress.passes.quantize_weights import WeightQuantize
 
     last = cand.steps[-1]
     if last["pass"] == "dynamic-int8":
         return DynamicQuantize(per_channel=last["per_channel"])
+    if last["pass"] == WEIGHTS_PASS:
+        return WeightQuantize()
     if last["pass"] == "static-int8-qdq" and ctx.calibration is not None:
         return StaticQuantize(ctx.calibration, per_channel=last["per_channel"],
                               method=last["calibration"])
@@ -168,7 +177,8 @@ def _build(ctx: _Context, origin: Path, cand: Candidate, step: Any, excluded: li
            name: str, data: Dataset | None = None) -> Candidate:
     variant = dataclasses.replace(step, exclude=tuple(excluded))
     path = variant.run(origin, ctx.work / f"{name}.onnx")
-    trial = Candidate(name, path, steps=[*cand.steps[:-1], variant.describe()], origin=origin)
+    trial = Candidate(name, path, steps=[*cand.steps[:-1], variant.describe()], origin=origin,
+                      float_compute=cand.float_compute)
     trial.size, trial.transfer_size = file_sizes(path)
     data = data or ctx.eval_data
     out = outputs(path, data, ctx.recipe.threads)

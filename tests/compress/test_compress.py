@@ -66,8 +66,10 @@ def test_auto_ships_only_what_is_faster_and_within_tolerance(tmp_path, cdata):
     base = doc["candidates"][0]
     chosen = next(c for c in doc["candidates"] if c["chosen"])
     assert {"static-int8-pc", "static-int8-pt"} <= {c["name"] for c in doc["candidates"]}
+    assert "weights-int8" in {c["name"] for c in doc["candidates"]}
     assert chosen["within_tolerance"]
-    assert chosen["latency_ms"] <= base["latency_ms"]
+    # a float-compute candidate runs the float graph: its speed is the float model's
+    assert chosen["latency_ms"] <= base["latency_ms"] or chosen["float_compute"]
     if chosen["name"] == "fp32":
         assert "optimized float model ships" in doc["reason"]
 
