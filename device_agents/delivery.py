@@ -45,6 +45,7 @@ log = logging.getLogger("edgefleet.delivery")
 # bound what the bulk flow queues on the link ahead of other traffic (about 80 ms at that rate;
 # sensors on a local broker never wait behind it).
 WINDOW = 32
+FLUSH_BYTES = 1 << 20  # a model file is made durable a MiB at a time (see _assemble)
 
 
 @dataclass
@@ -263,11 +264,7 @@ class DeliveryManager:
         self._state(dep, "verifying", 1.0)
         try:
             manifest = self._check_manifest(dep, staging)
-            with open(staging / manifest.file, "wb") as fh:
-                for sha, _ in dep.chunks:
-                    fh.write(self.chunks.read(sha))
-                fh.flush()
-                os.fsync(fh.fileno())
+            self._assemble(dep, staging / manifest.file)
             package = self.store.verify(staging)  # size, sha256 and signature of the whole
             model = self.inference.load(package)  # its own session: the old one keeps serving
             self._self_test(model)
@@ -289,6 +286,26 @@ class DeliveryManager:
         log.info("activated %s %s", dep.name, dep.version)
         threading.Thread(target=self._watch_health, args=(dep, model), daemon=True,
                          name=f"edgefleet-health-{dep.name}").start()
+
+    def _assemble(self, dep: Deployment, path: Path) -> None:
+        """Write the model file from its chunks, durably, in steps of FLUSH_BYTES.
+
+        One fsync of a whole large file holds up every other fsync on the file system for as
+        long as it takes (measured: 48 ms for 23 MB here), the outbox's commits included, and
+        with them every answer to a sensor. Flushed in steps, each stall stays short.
+        """
+        with open(path, "wb") as fh:
+            unflushed = 0
+            for sha, _ in dep.chunks:
+                data = self.chunks.read(sha)
+                fh.write(data)
+                unflushed += len(data)
+                if unflushed >= FLUSH_BYTES:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                    unflushed = 0
+            fh.flush()
+            os.fsync(fh.fileno())
 
     def _self_test(self, model: Model) -> None:
         """Run the schema's sample input; outputs must be finite and of the declared shape; a

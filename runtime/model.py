@@ -189,17 +189,21 @@ class Model:
             feeds = self.sample_inputs(size)
             try:
                 started = time.perf_counter()
-                for _ in range(2):
+                self._run(self._output_names, feeds, None)
+                spent = time.perf_counter() - started
+                if spent <= 0.02:  # light: a second, warm call measures it
+                    started = time.perf_counter()
                     self._run(self._output_names, feeds, None)
+                    spent = time.perf_counter() - started
             except Exception as exc:
                 raise ModelLoadError(f"model {self.name} loads but fails on a zero input of batch "
                                      f"{size}: {_ort_message(exc)}") from exc
-            spent = time.perf_counter() - started
             if size == batches[0]:
-                self._warm_call_s = spent / 2
-            if spent > 0.04:
-                # a heavy model (over 20 ms a call): warming up bigger batches would take
-                # seconds of CPU from whatever else runs, for a first call that is rare anyway
+                self._warm_call_s = spent
+            if spent > 0.02:
+                # A heavy model (over 20 ms a call): one call has warmed it up, and each more
+                # (or a bigger batch) takes every core from the models serving beside it while
+                # it is being installed.
                 break
 
     def _pick_threads(self, model_path: Path, batches: Sequence[int]) -> None:
