@@ -66,6 +66,7 @@ class ChunkStore:
         self._index: dict[str, tuple[str, int, int]] = {}
         if self._index_path.exists():
             self._index = {k: tuple(v) for k, v in json.loads(self._index_path.read_text()).items()}  # type: ignore[misc]
+        self._drop_indexed_loose()
 
     def has(self, sha: str) -> bool:
         if (self.loose / sha).exists():
@@ -96,10 +97,23 @@ class ChunkStore:
     def indexed(self, path: Path) -> bool:
         return any(where[0] == str(path) for where in self._index.values())
 
-    def index_file(self, path: Path, chunks: list[Chunk]) -> None:
-        """Record the chunks of an installed model file; their loose copies can go."""
+    def index_file(self, path: Path, chunks: list[Chunk], *, drop_loose: bool = True) -> None:
+        """Record the chunks of an installed model file; their loose copies can go (now, or
+        later with `drop_loose`: hundreds of unlinks need not delay an activation)."""
         for c in chunks:
             self._index[c.sha256] = (str(path), c.offset, c.size)
         _fsync_write(self._index_path, json.dumps(self._index).encode())
+        if drop_loose:
+            self.drop_loose(chunks)
+
+    def drop_loose(self, chunks: list[Chunk]) -> None:
+        """Delete the loose copies of chunks an installed file now holds."""
         for c in chunks:
             (self.loose / c.sha256).unlink(missing_ok=True)
+
+    def _drop_indexed_loose(self) -> None:
+        """Loose chunks an installed file holds: left by a cleanup that a stop interrupted."""
+        for loose in self.loose.iterdir():
+            where = self._index.get(loose.name)
+            if where is not None and Path(where[0]).exists():
+                loose.unlink(missing_ok=True)

@@ -277,12 +277,13 @@ class DeliveryManager:
         for sha, size in dep.chunks:
             offsets.append(Chunk(sha, offset, size))
             offset += size
-        self.chunks.index_file(installed.path / manifest.file, offsets)
+        self.chunks.index_file(installed.path / manifest.file, offsets, drop_loose=False)
         self.store.activate(dep.name, dep.version)
         self.inference.activate(model, self.streams_of(dep.name))
         self._forget(dep)
         self._state(dep, "active", 1.0)
         self.on_models_changed()
+        self.chunks.drop_loose(offsets)  # after the news: the installed file holds them now
         log.info("activated %s %s", dep.name, dep.version)
         threading.Thread(target=self._watch_health, args=(dep, model), daemon=True,
                          name=f"edgefleet-health-{dep.name}").start()
