@@ -18,6 +18,7 @@ import numpy as np
 
 from compress.candidates import Candidate
 from compress.data import Dataset
+from compress.errors import QuantizationError
 from compress.evaluate import file_sizes, outputs, quality
 from compress.passes.quantize_weights import NAME as WEIGHTS_PASS
 from compress.passes.quantize_weights import OPS as WEIGHT_OPS
@@ -71,7 +72,11 @@ def fall_back_until_within(ctx: _Context, baseline: Candidate, cand: Candidate) 
     try:
         for count in counts:
             excluded = ranking[:count]
-            trial = _build(ctx, origin, cand, step, excluded, f"{cand.name}+float{count}")
+            try:
+                trial = _build(ctx, origin, cand, step, excluded, f"{cand.name}+float{count}")
+            except QuantizationError as exc:  # every weight worth quantizing is in float now
+                ctx.notes.append(f"{cand.name}: {exc}")
+                return None
             ctx.reporter.advance("fallback")
             if trial.within(ctx.recipe.tolerance):
                 trial.note = f"{count} sensitive node(s) left in float: {', '.join(excluded)}"
@@ -95,9 +100,13 @@ def rank_by_measurement(ctx: _Context, origin: Path, cand: Candidate, step: Any,
     gains: dict[str, float] = {}
     ctx.reporter.start("ranking nodes", len(nodes))
     for i, node in enumerate(nodes):
-        trial = _build(ctx, origin, cand, step, [node], f"{cand.name}-rank{i}", subset)
-        assert trial.quality is not None
-        gains[node] = reference.quality.loss - trial.quality.loss
+        try:
+            trial = _build(ctx, origin, cand, step, [node], f"{cand.name}-rank{i}", subset)
+        except QuantizationError:  # the node held the only weight worth quantizing
+            gains[node] = reference.quality.loss
+        else:
+            assert trial.quality is not None
+            gains[node] = reference.quality.loss - trial.quality.loss
         ctx.reporter.advance("ranking nodes")
     ctx.reporter.finish("ranking nodes")
     return sorted(nodes, key=lambda name: -gains[name])
