@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,10 @@ log = logging.getLogger("edgefleet.delivery")
 # bound what the bulk flow queues on the link ahead of other traffic (about 80 ms at that rate;
 # sensors on a local broker never wait behind it).
 WINDOW = 32
+# Subscriptions change in groups of this many chunks (one SUBSCRIBE and one UNSUBSCRIBE packet
+# each), not one by one: a 23 MB model is ~700 chunks, and every control packet costs the agent,
+# the link and the broker a round of work.
+SUBSCRIBE_STEP = 8
 FLUSH_BYTES = 1 << 20  # a model file is made durable a MiB at a time (see _assemble)
 
 
@@ -89,6 +94,7 @@ class DeliveryManager:
         self.active: dict[str, Deployment] = {}
         self._wanted: dict[str, set[str]] = {}  # chunk sha -> deployments waiting for it
         self._subscribed: set[str] = set()
+        self._received: list[str] = []  # chunks stored, their subscriptions not yet dropped
         self._lock = threading.RLock()
         self._queue: queue.Queue[Message | None] = queue.Queue(maxsize=4 * WINDOW + 16)
         self._worker = threading.Thread(target=self._loop, name="edgefleet-delivery", daemon=True)
@@ -182,15 +188,28 @@ class DeliveryManager:
         self._refill()
 
     def _refill(self) -> None:
-        """Keep WINDOW chunk subscriptions open."""
+        """Keep up to WINDOW chunk subscriptions open, topping up SUBSCRIBE_STEP at a time."""
         with self._lock:
             room = WINDOW - len(self._subscribed)
             if room <= 0:
                 return
-            todo = [sha for sha in self._wanted if sha not in self._subscribed][:room]
+            # one more than fits tells whether the rest would fit
+            todo = list(islice((sha for sha in self._wanted if sha not in self._subscribed),
+                               room + 1))
+            if room < SUBSCRIBE_STEP and len(todo) > room:
+                return  # more room comes with the next chunks; the last few go at once
+            todo = todo[:room]
             self._subscribed.update(todo)
         if todo:
             self.transport.subscribe([protocol.blob_topic(sha) for sha in todo])
+
+    def _drop_received(self, at_least: int = 1) -> None:
+        """Unsubscribe from stored chunks once `at_least` of them are waiting for it."""
+        with self._lock:
+            if len(self._received) < at_least:
+                return
+            done, self._received = self._received, []
+        self.transport.unsubscribe([protocol.blob_topic(sha) for sha in done])
 
     # -- chunks (paho thread hands over; the worker stores) ----------------------------------
 
@@ -232,9 +251,9 @@ class DeliveryManager:
             self._refill()
             return
         self.handled(msg)
-        self.transport.unsubscribe([protocol.blob_topic(sha)])
         finished = []
         with self._lock:
+            self._received.append(sha)
             self._subscribed.discard(sha)
             for dep_id in self._wanted.pop(sha, set()):
                 dep = self.active.get(dep_id)
@@ -245,6 +264,7 @@ class DeliveryManager:
                     finished.append(dep_id)
                 elif len(dep.missing) % 8 == 0:
                     self._state(dep, "downloading", self._progress(dep))
+        self._drop_received(at_least=SUBSCRIBE_STEP if self._wanted else 1)
         self._refill()
         for dep_id in finished:
             self._finish(dep_id)
@@ -368,6 +388,9 @@ class DeliveryManager:
                 if not self._wanted[sha]:
                     del self._wanted[sha]
             (self.dir / f"{dep.id}.json").unlink(missing_ok=True)
+            idle = not self._wanted
+        if idle:
+            self._drop_received()
 
     def _state(self, dep: Deployment, phase: str, progress: float, error: str | None = None,
                **extra: Any) -> None:
