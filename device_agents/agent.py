@@ -41,7 +41,6 @@ from runtime.signing import load_public_key
 log = logging.getLogger("edgefleet.agent")
 
 AGENT_VERSION = "edgefleet-agent/0.1"
-SENSORS_READY_S = 10.0  # longest the birth waits for the local sensor broker's SUBACK
 PUBLISH_WINDOW = 64  # results handed to paho and not yet acknowledged by the broker
 
 
@@ -261,20 +260,8 @@ class Agent:
         (self.sensor_acks if transport is self.sensors else self.uplink_acks).reset()
 
     def _uplink_connected(self, session_present: bool) -> None:
+        self._publish_birth()
         self._wake_publisher.set()
-        if self.sensors is self.uplink:  # the inputs' SUBSCRIBE went ahead on this connection
-            self._publish_birth()
-            return
-        # "online" tells sensors they can send: with a local sensor broker of its own, not before
-        # that connection holds its subscription (a broker without sessions drops what comes
-        # earlier). Waited for off the network thread, and not forever: the uplink is up.
-        threading.Thread(target=self._birth_when_sensors_ready, daemon=True,
-                         name="edgefleet-birth").start()
-
-    def _birth_when_sensors_ready(self) -> None:
-        self.sensors.wait_subscribed(SENSORS_READY_S)
-        if self.uplink.connected:
-            self._publish_birth()
 
     def _publish_birth(self) -> None:
         """The retained status: after every connect, and whenever the models in service change."""
