@@ -8,7 +8,6 @@ limits (AWS IoT Core: 128 KB).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -45,35 +44,24 @@ def chunk_file(path: Path) -> list[Chunk]:
     return chunk_bytes(path.read_bytes())
 
 
-def _fsync_write(path: Path | str, data: bytes) -> None:
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _fsync_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
 class ChunkStore:
     """What the device holds: loose chunks received for a delivery in progress (one file each,
     written with fsync and rename, so a power cut never leaves half a chunk), and an index of the
-    chunks inside installed model files (the bytes are not stored twice).
-
-    Chunk paths are plain strings: `has` and `put` run for every chunk of a delivery (hundreds
-    for one model) on a thread that shares the GIL with serving, and pathlib's objects cost
-    several times the stat or write they wrap (a GIL profile of a 23 MB delivery showed them).
-    """
+    chunks inside installed model files (the bytes are not stored twice)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.loose = root / "loose"
         self.loose.mkdir(parents=True, exist_ok=True)
-        self._loose = str(self.loose)
         self._index_path = root / "index.json"
         self._index: dict[str, tuple[str, int, int]] = {}
         if self._index_path.exists():
@@ -81,25 +69,23 @@ class ChunkStore:
         self._drop_indexed_loose()
 
     def has(self, sha: str) -> bool:
-        if os.path.exists(f"{self._loose}/{sha}"):
+        if (self.loose / sha).exists():
             return True
         where = self._index.get(sha)
-        return where is not None and os.path.exists(where[0])
+        return where is not None and Path(where[0]).exists()
 
     def put(self, sha: str, data: bytes) -> bool:
         """Store a chunk if its bytes hash to `sha`; False (and nothing stored) otherwise."""
         if hashlib.sha256(data).hexdigest() != sha:
             return False
         if not self.has(sha):
-            _fsync_write(f"{self._loose}/{sha}", data)
+            _fsync_write(self.loose / sha, data)
         return True
 
     def read(self, sha: str) -> bytes:
-        try:
-            with open(f"{self._loose}/{sha}", "rb") as fh:
-                return fh.read()
-        except FileNotFoundError:
-            pass
+        loose = self.loose / sha
+        if loose.exists():
+            return loose.read_bytes()
         path, offset, size = self._index[sha]
         with open(path, "rb") as fh:
             fh.seek(offset)
@@ -123,8 +109,7 @@ class ChunkStore:
     def drop_loose(self, chunks: list[Chunk]) -> None:
         """Delete the loose copies of chunks an installed file now holds."""
         for c in chunks:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{self._loose}/{c.sha256}")
+            (self.loose / c.sha256).unlink(missing_ok=True)
 
     def _drop_indexed_loose(self) -> None:
         """Loose chunks an installed file holds: left by a cleanup that a stop interrupted."""
