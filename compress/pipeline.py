@@ -219,17 +219,15 @@ def _build_candidates(ctx: _Context, baseline: Candidate) -> list[Candidate]:
     for name, step in plans:
         ctx.reporter.stage(f"building {name}" + (" (calibrating)" if "static" in name else ""))
         prefix = "" if baseline.name == "fp32" else baseline.name.removesuffix("-fp32") + "+"
-        if isinstance(step, WeightQuantize):
-            try:
-                path = step.run(baseline.path, work / f"{prefix}{name}.onnx")
-            except QuantizationError as exc:
-                ctx.notes.append(str(exc))
-                continue
-            built.append(Candidate(prefix + name, path, steps=[*baseline.steps, step.describe()],
-                                   origin=baseline.path, float_compute=True))
+        float_compute = isinstance(step, WeightQuantize)
+        try:
+            path = step.run(baseline.path, work / f"{prefix}{name}.onnx")
+        except QuantizationError as exc:
+            if not float_compute:
+                raise
+            ctx.notes.append(str(exc))  # no weight worth storing in INT8: nothing to offer
             continue
-        path = step.run(baseline.path, work / f"{prefix}{name}.onnx")
-        if name != "fp16" and not _quantized_ops(path):
+        if name != "fp16" and not float_compute and not _quantized_ops(path):
             why = (f"{name} quantized nothing: the model's MatMul/Gemm/Conv are inside control "
                    "flow (If/Loop) or of kinds onnxruntime does not quantize")
             if mode != "auto":
@@ -237,7 +235,7 @@ def _build_candidates(ctx: _Context, baseline: Candidate) -> list[Candidate]:
             ctx.notes.append(why)
             continue
         built.append(Candidate(prefix + name, path, steps=[*baseline.steps, step.describe()],
-                               origin=baseline.path))
+                               origin=baseline.path, float_compute=float_compute))
     return built
 
 
