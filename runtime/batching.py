@@ -24,6 +24,7 @@ import numpy as np
 
 from runtime.errors import ClosedError, EdgefleetError, InferenceError, OverloadedError
 from runtime.model import Model
+from runtime.schema import _new_tuple
 from runtime.slot import ModelSlot
 
 
@@ -110,7 +111,6 @@ class Pending:
 
 
 _CALLBACK_LOCK = threading.Lock()  # registration vs completion of callbacks; held for nanoseconds
-_new_tuple = tuple.__new__  # builds a BatchResult in C: NamedTuple's own __new__ is Python
 
 
 def _batch_result(part: dict[str, np.ndarray], model: Model, queue_s: float, inference_s: float,
@@ -212,8 +212,19 @@ class MicroBatcher:
         only goes back to sleep waiting for it, one more thread switch per request.
         """
         ready, self._ready = self._ready, []
+        if not ready:
+            return
+        with _CALLBACK_LOCK:  # once for the batch, not once a request
+            for pending in ready:
+                pending._woken = True
+            callbacks = [(p, p._callbacks) for p in ready if p._callbacks is not None]
+            for pending, _ in callbacks:
+                pending._callbacks = None
         for pending in ready:
-            pending._wake()
+            pending._latch.release()
+        for pending, fns in callbacks:
+            for fn in fns:
+                fn(pending)
 
     def _collect(self) -> list[Pending]:
         """Wait for a first request, then for more until max_batch rows or its deadline."""

@@ -85,6 +85,10 @@ class CheckedInputs(NamedTuple):
     added_batch: bool
 
 
+# Builds a NamedTuple in C on the hottest path (its own __new__ is Python: 0.4 µs a request).
+_new_tuple = tuple.__new__
+
+
 @dataclass(frozen=True, slots=True)
 class _Plan:
     """Everything `check` needs about one input, precomputed: it runs on every request."""
@@ -133,7 +137,7 @@ class InputChecker:
                 # the hottest case of all: one sample of exactly the right dtype and shape
                 if finite and plan.is_float and not _all_finite(inputs):
                     raise self._non_finite_error(single, inputs)
-                return CheckedInputs({single: inputs[np.newaxis]}, 1, True)
+                return _new_tuple(CheckedInputs, ({single: inputs[np.newaxis]}, 1, True))
             value = inputs if type(inputs) is np.ndarray else self._as_mapping(inputs)[single]
             arr, added = self._check_one(plan, value, finite)
             return CheckedInputs({single: arr}, arr.shape[0] if plan.batch_dynamic else 1, added)
