@@ -25,6 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from device_agents import paho_socket
 from device_agents.config import BrokerConfig
 from device_agents.errors import DeviceAgentError
 
@@ -129,11 +130,12 @@ class Transport:
         broker = self.broker
         client_id = f"{self.client_id}-probe" if probe else self.client_id
         if protocol == mqtt.MQTTv5:
-            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                 protocol=mqtt.MQTTv5)
+            client = paho_socket.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                        protocol=mqtt.MQTTv5)
         else:  # 3.1.1 has no session expiry: a persistent session is kept until cleaned
-            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                 protocol=protocol, clean_session=broker.session_expiry_s == 0)
+            client = paho_socket.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                        protocol=protocol,
+                                        clean_session=broker.session_expiry_s == 0)
         client.manual_ack_set(self.manual_ack)
         client.max_inflight_messages_set(self.max_inflight)
         if broker.username is not None:
