@@ -19,7 +19,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-READ_SIZE = 256 * 1024  # bytes per recv: many small packets, or a good part of a model chunk
+READ_SIZE = 64 * 1024  # bytes per recv: many small packets; below malloc's mmap threshold
 
 
 class ReadAheadSocket:
