@@ -19,7 +19,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-READ_SIZE = 64 * 1024  # bytes per recv: many small packets; below malloc's mmap threshold
+READ_SIZE = 64 * 1024  # bytes per recv: many small packets at once, a modest buffer
 
 
 class ReadAheadSocket:
