@@ -23,34 +23,40 @@ READ_SIZE = 64 * 1024  # bytes per recv: many small packets at once, a modest bu
 
 
 class ReadAheadSocket:
-    """A paho `SocketLike` that buffers reads (see the module docstring)."""
+    """A paho `SocketLike` that buffers reads (see the module docstring).
 
-    __slots__ = ("_buf", "_pos", "_sock")
+    One buffer per connection, filled with `recv_into`: no large bytes object is allocated and
+    freed for every read, which would fragment the heap of a long-running daemon.
+    """
+
+    __slots__ = ("_end", "_mem", "_pos", "_sock", "_view")
 
     def __init__(self, sock: Any) -> None:
         self._sock = sock
-        self._buf = b""
+        self._mem = bytearray(READ_SIZE)
+        self._view = memoryview(self._mem)
         self._pos = 0
+        self._end = 0
 
     def recv(self, size: int) -> bytes:
-        buf, pos = self._buf, self._pos
-        if pos >= len(buf):
-            data: bytes = self._sock.recv(max(size, READ_SIZE))  # raises as the socket would
-            if len(data) <= size:
-                return data  # all of it goes out at once (b"" at the end of the stream)
-            buf, pos = data, 0
-            self._buf = data
-        end = pos + size
-        self._pos = end
-        if pos == 0 and end >= len(buf):
-            return buf
-        return buf[pos:end]
+        pos, end = self._pos, self._end
+        if pos >= end:
+            if size >= READ_SIZE:  # a large body: straight into its own bytes, no copy
+                data: bytes = self._sock.recv(size)
+                return data
+            end = self._sock.recv_into(self._mem)  # raises as recv would; 0 at end of stream
+            if end == 0:
+                return b""
+            pos = 0
+            self._end = end
+        stop = min(pos + size, end)
+        self._pos = stop
+        return bytes(self._view[pos:stop])
 
     def pending(self) -> int:
         """Bytes readable without waiting: ours, plus what a TLS socket has decrypted."""
-        ours = len(self._buf) - self._pos
         inner = getattr(self._sock, "pending", None)
-        return max(ours, 0) + (inner() if inner is not None else 0)
+        return self._end - self._pos + (inner() if inner is not None else 0)
 
     def send(self, data: bytes | bytearray) -> int:
         sent: int = self._sock.send(data)
