@@ -41,6 +41,8 @@ from runtime.signing import load_public_key
 log = logging.getLogger("edgefleet.agent")
 
 AGENT_VERSION = "edgefleet-agent/0.1"
+SENSORS_READY_S = 30.0  # longest "online" waits for a sensor broker of its own to take the SUBSCRIBE
+# (a broker without MQTT 5 costs a 5 s CONNACK timeout and a probe before the 3.1.1 connect)
 PUBLISH_WINDOW = 64  # results handed to paho and not yet acknowledged by the broker
 
 
@@ -129,7 +131,9 @@ class Agent:
             subscriptions=[self.topics.inputs], manual_ack=True,
             on_connect=lambda present: None,
             on_disconnect=lambda reason: self._on_disconnect(self.sensors),
-            on_message=self._on_message)
+            on_message=self._on_message, on_subscribed=self._sensors_ready)
+        self._birth_lock = threading.Lock()
+        self._birth_waiting = False
         self.sensor_acks = AckSequencer(self.sensors)
         self.uplink_acks = self.sensor_acks if shared else AckSequencer(self.uplink)
         self.delivery = DeliveryManager(
@@ -260,8 +264,34 @@ class Agent:
         (self.sensor_acks if transport is self.sensors else self.uplink_acks).reset()
 
     def _uplink_connected(self, session_present: bool) -> None:
-        self._publish_birth()
+        """Birth first, then the outbox: the fleet sees the device online before its backlog.
+
+        "online" tells sensors they may send. With a sensor broker of its own, not before that
+        connection holds its subscription: a broker without sessions (the embedded one) drops
+        what comes earlier. Then the birth goes out from that SUBACK (`_sensors_ready`), or after
+        SENSORS_READY_S if the sensor broker stays away. Nothing here waits: this is paho's
+        network thread.
+        """
+        if self.sensors is self.uplink:
+            self._publish_birth()
+        else:
+            with self._birth_lock:
+                self._birth_waiting = True
+            if self.sensors.subscribed:  # already, or its SUBACK came in just now
+                self._sensors_ready()
+            else:
+                timer = threading.Timer(SENSORS_READY_S, self._sensors_ready)
+                timer.daemon = True
+                timer.start()
         self._wake_publisher.set()
+
+    def _sensors_ready(self) -> None:
+        """The sensor connection's SUBACKs are in (or SENSORS_READY_S passed): a birth waiting
+        for them goes out now."""
+        with self._birth_lock:
+            due, self._birth_waiting = self._birth_waiting, False
+        if due and self.uplink.connected:
+            self._publish_birth()
 
     def _publish_birth(self) -> None:
         """The retained status: after every connect, and whenever the models in service change."""

@@ -77,7 +77,8 @@ class Transport:
     """One MQTT connection with a persistent session: MQTT 5, or 3.1.1 when the broker has no 5.
 
     Callbacks run on the network thread: on_connect(session_present), on_disconnect(reason),
-    on_message(Message), on_published(mid). They must be quick.
+    on_message(Message), on_published(mid), on_subscribed() (every SUBSCRIBE sent so far has its
+    SUBACK). They must be quick.
     """
 
     def __init__(
@@ -93,6 +94,7 @@ class Transport:
         on_disconnect: Callable[[str], None] | None = None,
         on_message: Callable[[Message], None] | None = None,
         on_published: Callable[[int], None] | None = None,
+        on_subscribed: Callable[[], None] | None = None,
         backoff: Backoff | None = None,
     ) -> None:
         self.broker = broker
@@ -110,6 +112,7 @@ class Transport:
         self._on_disconnect = on_disconnect
         self._on_message = on_message
         self._on_published = on_published
+        self._on_subscribed = on_subscribed
         self._connected = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -247,19 +250,27 @@ class Transport:
             if mid is None:
                 continue
             with self._sub_lock:
-                if mid in self._early_subacks:  # the SUBACK beat us here
-                    self._early_subacks.discard(mid)
-                else:
+                if mid not in self._early_subacks:
                     self._unconfirmed[mid] = part
+                    continue
+                self._early_subacks.discard(mid)  # the SUBACK beat us here
+                complete = not self._unconfirmed and not self._subscribe_later
+            if complete and self._on_subscribed is not None:
+                self._on_subscribed()
+
+    @property
+    def subscribed(self) -> bool:
+        """Connected, and every SUBSCRIBE sent has its SUBACK: on a new session a message
+        published before that is not routed here."""
+        with self._sub_lock:
+            return self.connected and not self._unconfirmed and not self._subscribe_later
 
     def wait_subscribed(self, timeout: float | None = None) -> bool:
-        """Wait until connected and every SUBSCRIBE sent has its SUBACK: on a new session a
-        message published before that is not routed here."""
+        """Wait until `subscribed`."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            with self._sub_lock:
-                if self.connected and not self._unconfirmed and not self._subscribe_later:
-                    return True
+            if self.subscribed:
+                return True
             if deadline is not None and time.monotonic() >= deadline:
                 return False
             time.sleep(0.005)
@@ -427,6 +438,10 @@ class Transport:
         with self._sub_lock:
             if self._unconfirmed.pop(mid, None) is None:
                 self._early_subacks.add(mid)
+                return
+            complete = not self._unconfirmed and not self._subscribe_later
+        if complete and self._on_subscribed is not None:
+            self._on_subscribed()
 
     def _handle_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
                         properties: Any) -> None:

@@ -12,7 +12,8 @@ import pytest
 
 from device_agents.linkem import LinkEmulator
 from tests.device_agents.conftest import Bench
-from tests.support.agent import wait_for_status
+from tests.support.agent import Peer, wait_for_status
+from tests.support.embedded import EmbeddedBrokerProcess
 
 # What the embedded broker (amqtt 0.12) lacks, seen in these tests; Mosquitto has both.
 NO_SESSION = ("amqtt keeps no session for a client that went away: QoS 1 messages sent while the "
@@ -66,6 +67,34 @@ def test_broker_restart_mid_stream_loses_no_result(bench: Bench, digits_samples)
     sender.join()
     results = collector.drain("/out/cam", set(range(n)) - early, timeout=120)
     assert len(results) + len(early) >= n
+
+
+@pytest.mark.mosquitto_only(reason="one run covers it: the uplink on Mosquitto, the sensors on "
+                             "the embedded broker, which keeps no session")
+def test_online_waits_until_a_sensor_broker_of_its_own_has_the_subscription(
+        bench: Bench, tmp_path: Any, digits_samples: Any) -> None:
+    """'online' tells sensors they may send. A broker without sessions drops what is sent before
+    the agent's SUBSCRIBE takes, so with sensors on such a broker, online waits for its SUBACK."""
+    sensors_broker = EmbeddedBrokerProcess(tmp_path / "sensors")  # not listening yet
+    bench.write(extra=f'\n[sensors]\nurl = "{sensors_broker.url}"\n')
+    watcher = bench.peer()
+    bench.agent()
+    try:
+        with pytest.raises(TimeoutError):  # the uplink is up, the sensors' broker is not
+            wait_for_status(watcher, "online", timeout=3)
+        sensors_broker.start()
+        wait_for_status(watcher, "online", timeout=30)
+        sensor = Peer(sensors_broker, bench.device_id, subscribe=[])  # type: ignore[arg-type]
+        try:
+            for i, (image, _) in enumerate(digits_samples(20)):  # at once, on seeing online
+                sensor.send("cam", {"id": i, "data": image})
+            results = watcher.collect("/out/cam", 20, timeout=30)
+        finally:
+            sensor.close()
+    finally:
+        bench.close()
+        sensors_broker.stop()
+    assert sorted(r["id"] for r in results) == list(range(20))
 
 
 def test_uplink_outage_local_inference_goes_on(bench: Bench, digits_samples) -> None:  # type: ignore[no-untyped-def]
