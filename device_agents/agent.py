@@ -2,9 +2,11 @@
 
 Data flows one way: transport (paho thread) -> bounded intake queue -> intake worker (parse,
 route, submit to the micro-batcher) -> batcher callback (build the result) -> disk outbox ->
-publisher thread -> transport. A sensor's QoS 1 message is acknowledged to the broker only when
-its result or error is committed to the outbox, in the order the messages came, so a crash at any
-point leaves the message either answered on disk or still held by the broker for redelivery.
+transport, published by the outbox's writer right after the commit (the publisher thread
+takes over for a full window, reconnects and backlog). A sensor's QoS 1 message is acknowledged
+to the broker only when its result or error is committed to the outbox, in the order the
+messages came, so a crash at any point leaves the message either answered on disk or still held
+by the broker for redelivery.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from device_agents.protocol import ProtocolError, Topics
 from device_agents.router import RequestError, Router
 from device_agents.store import ModelStore
 from device_agents.transport import Message, Transport
-from runtime.batching import Pending
+from runtime.batching import MicroBatcher, Pending
 from runtime.errors import ClosedError, EdgefleetError, InputError, OverloadedError
 from runtime.signing import load_public_key
 
@@ -143,6 +145,11 @@ class Agent:
         self.router.add("deploy", self.delivery.deploy)
         self.requests: queue.Queue[Message | None] = queue.Queue(maxsize=256)
         self._publisher_stop = threading.Event()
+        self._pump_lock = threading.Lock()
+        self._inflight: dict[int, int] = {}  # mid -> outbox row id, handed to paho, no PUBACK yet
+        self._last_row = 0  # the last outbox row handed to paho
+        self._backlog = True  # rows may wait for the window: PUBACKs wake the publisher
+        self.outbox.on_commit = self._after_commit  # the uplink exists now
         self._threads: list[threading.Thread] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -241,9 +248,15 @@ class Agent:
                         self._readable_id(msg))
 
     def _on_published(self, mid: int) -> None:
-        """PUBACK: the row can leave the outbox, and the window has room for the next one."""
+        """PUBACK: the row can leave the outbox, and the window has room for the next one.
+
+        The publisher is woken only when rows wait for that room. Otherwise the PUBACK is taken
+        up by the next commit's pump (its row deleted in that same transaction) or by the
+        publisher's next tick: waking a thread for each PUBACK cost one thread switch per result.
+        """
         self._published.put(mid)
-        self._wake_publisher.set()
+        if self._backlog:
+            self._wake_publisher.set()
 
     def _readable_id(self, msg: Message) -> Any:
         """The id of a message refused before it was parsed, when one can be read cheaply."""
@@ -306,16 +319,29 @@ class Agent:
     # -- intake worker: parse, route, submit -------------------------------------------------
 
     def _intake_loop(self) -> None:
+        """Serve what is queued; when the queue runs dry, flush the batchers fed since: nothing
+        more is coming now, so no batch waits for batch-mates (max_delay) in light traffic, and
+        under load batches are as large as the backlog."""
+        fed: set[MicroBatcher] = set()
         while True:
-            msg = self.intake.get()
+            try:
+                msg = self.intake.get_nowait()
+            except queue.Empty:
+                for batcher in fed:
+                    batcher.flush()
+                fed.clear()
+                msg = self.intake.get()
             if msg is None:
                 if self._stopping.is_set() and self.intake.empty():
                     return
                 continue
             try:
-                self._serve(msg, self.topics.stream_of(msg.topic) or "")
+                used = self._serve(msg, self.topics.stream_of(msg.topic) or "")
             except Exception:  # never let one message stop the worker
                 log.exception("unexpected failure handling %s", msg.topic)
+                continue
+            if used is not None:
+                fed.add(used)
 
     def _request_loop(self) -> None:
         while (msg := self.requests.get()) is not None:
@@ -324,20 +350,22 @@ class Agent:
             except Exception:
                 log.exception("unexpected failure handling %s", msg.topic)
 
-    def _serve(self, msg: Message, stream: str) -> None:
+    def _serve(self, msg: Message, stream: str) -> MicroBatcher | None:
+        """Parse and submit one sensor message; the batcher it went to, if any."""
         ts_in = time.time()
         try:
             sensor = protocol.parse_sensor(msg.payload, self.config.agent.max_payload_bytes)
         except ProtocolError as exc:  # echo the id when the message has a readable one
             self._error(msg, stream, exc.code, str(exc), self._readable_id(msg))
-            return
+            return None
         batcher = self.inference.route(stream)
         if batcher is None:
             self._error(msg, stream, protocol.UNKNOWN_STREAM,
                         f"no model serves stream {stream!r}", sensor.id)
-            return
+            return None
         pending = batcher.submit(sensor.inputs)
         pending.add_done_callback(lambda p: self._answer(msg, stream, sensor.id, ts_in, p))
+        return batcher
 
     def _answer(self, msg: Message, stream: str, msg_id: Any, ts_in: float, pending: Pending) -> None:
         """On the batcher's thread: the result (or error) goes to the outbox."""
@@ -432,11 +460,27 @@ class Agent:
     # -- publisher: outbox -> broker, in order -----------------------------------------------
 
     def _publish_loop(self) -> None:
-        inflight: dict[int, int] = {}  # mid -> outbox row id
-        last = 0
+        """Pumps on PUBACKs, reconnects and backlog; fresh results are pumped by the writer."""
         while not self._publisher_stop.is_set():
             self._wake_publisher.wait(0.2)
             self._wake_publisher.clear()
+            self._pump()
+
+    def _after_commit(self) -> None:
+        """On the outbox's writer thread, right after a commit: the rows just made durable go
+        to paho from here. Waking the publisher thread instead cost one more thread switch, and
+        GIL wait, on every result's way out (measured: durable -> PUBLISH p50 0.4 ms at 700/s)."""
+        try:
+            self._pump()
+        except Exception:  # the writer must go on committing; the publisher retries
+            log.exception("publishing after a commit failed")
+            self._wake_publisher.set()
+
+    def _pump(self) -> None:
+        """Let acknowledged rows go, then hand paho the next rows the window has room for, in
+        order. Both the publisher thread and the writer call this; the lock keeps one order."""
+        with self._pump_lock:
+            inflight = self._inflight
             while True:
                 try:
                     mid = self._published.get_nowait()
@@ -446,19 +490,22 @@ class Agent:
                 if row_id is not None:
                     self.outbox.ack(row_id)
             if not self.uplink.connected:
-                continue
+                return
             room = PUBLISH_WINDOW - len(inflight)
+            self._backlog = True  # until shown otherwise: more rows than room, or paho refused
             if room <= 0:
-                continue
-            for row in self.outbox.take(last, room):
+                return
+            rows = self.outbox.take(self._last_row, room)
+            for row in rows:
                 sent = self.uplink.publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
                 if sent is None:
-                    break
-                last = row.id
+                    return
+                self._last_row = row.id
                 if row.qos == 0:
                     self.outbox.ack(row.id)
                 else:
                     inflight[sent] = row.id
+            self._backlog = len(rows) >= room
 
     # -- telemetry ---------------------------------------------------------------------------
 

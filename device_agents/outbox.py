@@ -66,7 +66,7 @@ class Outbox:
         self.max_bytes = max_bytes
         self.ttl_s = ttl_s
         self.on_full = on_full
-        self.on_commit = on_commit  # e.g. wake the publisher
+        self.on_commit = on_commit  # rows were stored: e.g. publish them
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -211,6 +211,11 @@ class Outbox:
             if stored:
                 self._last_id = self._next_id - 1
                 self._fresh.extend(self._pending_rows)
+        if self.on_commit is not None and stored:  # first: the publisher waits on this one
+            try:
+                self.on_commit()
+            except Exception:
+                log.exception("outbox commit callback failed")
         for cb, ok in callbacks:
             try:
                 cb(ok)
@@ -219,8 +224,6 @@ class Outbox:
         with self._changed:
             self._committed_seq += len(puts)
             self._changed.notify_all()
-        if self.on_commit is not None and puts:
-            self.on_commit()
 
     def _delete(self, ids: list[int]) -> None:
         known = [i for i in ids if i in self._sizes]  # committed by this process: sizes known

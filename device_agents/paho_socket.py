@@ -8,16 +8,28 @@ time and hands paho the pieces it asks for; its `pending()` tells paho's loop th
 already waiting, the hook paho has for TLS sockets, so nothing waits in `select` while buffered
 data is unread. Writes go straight through.
 
-`Client` is paho's client with that socket. It overrides paho's `_create_socket`, the one place
-paho builds its socket; a test checks that the wrapper is in use, so a paho release that moves
-that hook fails loudly instead of silently going back to byte-sized reads.
+`Client` is paho's client with that socket, and with writes made safe from any thread. The
+transport runs paho's loop on a thread of its own, so paho (which only guards `loop_start`'s
+thread) lets every thread that publishes write to the socket itself. On a slow link a write is
+often partial, and two threads writing at once then interleave the bytes of two packets: the
+broker drops the connection as a protocol error. One lock around `loop_write` keeps each packet
+whole and the packets in the order they were queued. paho also wakes its network thread for
+every packet queued, although the publishing thread has just written it itself; `Client` wakes
+it only when something is left to write (a full socket, or a packet queued inside a callback),
+which saves one thread switch per packet sent.
+
+It overrides paho's `_create_socket` and `_packet_queue`; tests check both hooks are in use, so
+a paho release that moves them fails loudly instead of silently losing what they give.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import MQTTErrorCode
 
 READ_SIZE = 64 * 1024  # bytes per recv: many small packets at once, a modest buffer
 
@@ -77,7 +89,37 @@ class ReadAheadSocket:
 
 
 class Client(mqtt.Client):
-    """paho's MQTT client reading through a ReadAheadSocket."""
+    """paho's MQTT client reading through a ReadAheadSocket, writing under one lock."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # reentrant: a QoS 0 on_publish (called while writing) may publish again
+        self._write_lock = threading.RLock()
+        super().__init__(*args, **kwargs)
 
     def _create_socket(self) -> Any:
         return ReadAheadSocket(super()._create_socket())
+
+    def loop_write(self) -> MQTTErrorCode:
+        """One writer at a time: a packet is written whole before the next one starts."""
+        with self._write_lock:
+            rc: MQTTErrorCode = super().loop_write()
+            return rc
+
+    def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
+                      info: mqtt.MQTTMessageInfo | None = None) -> MQTTErrorCode:
+        """paho's, except that the network thread is woken only for what is left to write."""
+        self._out_packet.append({"command": command, "mid": mid, "qos": qos, "pos": 0,
+                                 "to_process": len(packet), "packet": packet, "info": info})
+        rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        if (self._thread is None and self._on_socket_register_write is None
+                and self._in_callback_mutex.acquire(False)):  # not inside a paho callback
+            self._in_callback_mutex.release()
+            rc = self.loop_write()
+        else:
+            self._call_socket_register_write()
+        if self.want_write():  # the socket is full, or we are in a callback: the thread's turn
+            wake = self._sockpairW
+            if wake is not None:  # (it may be full of wake-ups, or closed by a reconnect)
+                with contextlib.suppress(OSError):
+                    wake.send(b"0")
+        return rc

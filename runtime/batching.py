@@ -110,6 +110,13 @@ class Pending:
             fn(self)
 
 
+# A batch also closes when no request has come for this fraction of max_delay: traffic that
+# thin brings no batch-mates worth the wait, so a lone request is not held for the full
+# max_delay (measured on the agent at 700 messages/s: time in the queue p50 2.0 -> 1.0 ms). 64
+# threads calling at once submit far more densely than that and still fill their batches (the
+# same throughput, interleaved in one process: medians 30.0k and 30.0k requests/s).
+LULL_FRACTION = 0.25
+
 _CALLBACK_LOCK = threading.Lock()  # registration vs completion of callbacks; held for nanoseconds
 
 
@@ -142,6 +149,7 @@ class MicroBatcher:
         self._wake_at: int | None = None  # rows queued at which a waiting worker wants a notify
         self._ready: list[Pending] = []  # results set, waiters not yet woken (see _wake_ready)
         self._ran = False
+        self._flush = False  # set by flush(): close the batch being gathered now
         self._closed = False
         self._worker = threading.Thread(target=self._loop, name="edgefleet-batcher", daemon=True)
         self._worker.start()
@@ -189,6 +197,17 @@ class MicroBatcher:
     def pending(self) -> int:
         return len(self._items)
 
+    def flush(self) -> None:
+        """Run what is queued without waiting for batch-mates: the caller knows no more are
+        coming now (its own input queue is empty). A caller that feeds the batcher from a queue
+        gets batches as large as its backlog and no added latency when traffic is light."""
+        with self._lock:
+            if not self._items:
+                return
+            self._flush = True
+            if self._wake_at is not None:  # the worker is waiting for more
+                self._cond.notify()
+
     def close(self, timeout: float | None = None) -> None:
         """Stop intake, finish every queued request, then stop the worker."""
         with self._cond:
@@ -227,7 +246,8 @@ class MicroBatcher:
                 fn(pending)
 
     def _collect(self) -> list[Pending]:
-        """Wait for a first request, then for more until max_batch rows or its deadline."""
+        """Wait for a first request, then for more until max_batch rows, its deadline, a lull, or
+        a flush."""
         items = self._items
         with self._cond:
             while not items:
@@ -237,14 +257,17 @@ class MicroBatcher:
                 self._wake_ready()
                 self._cond.wait()
             deadline = items[0]._enqueued + self.max_delay_s
-            while not self._closed and self._queued_rows < self.max_batch:
-                remaining = deadline - time.perf_counter()
+            lull = self.max_delay_s * LULL_FRACTION
+            while not self._closed and self._queued_rows < self.max_batch and not self._flush:
+                # the last request's arrival, read off the queue: submit does no extra work
+                remaining = min(deadline, items[-1]._enqueued + lull) - time.perf_counter()
                 if remaining <= 0:
                     break
                 self._wake_at = self.max_batch
                 self._wake_ready()
                 self._cond.wait(remaining)
             self._wake_at = None
+            self._flush = False
             batch = [items.popleft()]
             rows = batch[0]._rows
             while items and rows + items[0]._rows <= self.max_batch:

@@ -208,6 +208,10 @@ def test_telemetry_fields(bench: Bench, digits_samples) -> None:  # type: ignore
     assert tele["inference"]["p50_ms"] > 0
     assert tele["rss_bytes"] > 10_000_000
     assert set(tele["outbox"]) >= {"depth", "bytes", "oldest_s", "dropped"}
+    deadline = time.monotonic() + 10  # PUBACKed results leave the outbox, with no new traffic
+    while tele["outbox"]["depth"] and time.monotonic() < deadline:
+        tele = watcher.collect("/telemetry", 1, timeout=10)[-1]
+    assert tele["outbox"]["depth"] == 0
 
 
 @pytest.mark.mosquitto_only(reason="amqtt keeps no session for a client that went away: what "

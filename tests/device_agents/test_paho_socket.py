@@ -14,7 +14,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from device_agents.config import BrokerConfig
-from device_agents.paho_socket import READ_SIZE, ReadAheadSocket
+from device_agents.linkem import LinkEmulator
+from device_agents.paho_socket import READ_SIZE, Client, ReadAheadSocket
 from device_agents.transport import Message, Transport
 
 
@@ -93,3 +94,148 @@ def test_the_transport_reads_through_it_and_loses_nothing(broker: Any) -> None:
         sender.loop_stop()
         sender.disconnect()
         t.stop()
+
+
+class TrickleSocket:
+    """A socket on a slow link: each send takes a few bytes or none, and lets other threads run
+    in the middle, as a real send does when it gives up the GIL."""
+
+    def __init__(self) -> None:
+        self.wire = bytearray()
+        self.calls = 0
+
+    def send(self, data: bytes) -> int:
+        self.calls += 1
+        time.sleep(0)  # another thread may write now
+        if self.calls % 3 == 0:
+            raise BlockingIOError
+        n = min(len(data), 1 + self.calls % 7)
+        self.wire += data[:n]
+        return n
+
+    def close(self) -> None:
+        pass
+
+
+class WakeCounter:
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def send(self, data: bytes) -> int:
+        self.sent += 1
+        return len(data)
+
+    def close(self) -> None:
+        pass
+
+
+def _packets(wire: bytes) -> list[bytes]:
+    """Split a stream of our test packets (a 2-byte length, then the body)."""
+    out, pos = [], 0
+    while pos < len(wire):
+        size = int.from_bytes(wire[pos:pos + 2], "big")
+        out.append(bytes(wire[pos:pos + 2 + size]))
+        pos += 2 + size
+    return out
+
+
+def test_threads_writing_at_once_each_write_whole_packets_in_queue_order() -> None:
+    client = Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    sock = TrickleSocket()
+    client._sock = sock  # type: ignore[assignment]
+    client._sockpairW = WakeCounter()  # type: ignore[assignment]
+    packets = {k: [len(body).to_bytes(2, "big") + body
+                   for body in (f"thread {k} packet {i} ".encode() * (1 + i % 5) for i in range(40))]
+               for k in range(6)}
+
+    def send(k: int) -> None:
+        for i, packet in enumerate(packets[k]):
+            client._packet_queue(0x40, packet, k * 100 + i, 1)  # PUBACK-like
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    while client.want_write():  # what was left for the network thread
+        client.loop_write()
+    got = _packets(bytes(sock.wire))
+    assert sorted(got) == sorted(p for ps in packets.values() for p in ps)  # whole, each once
+    for ps in packets.values():  # one thread's packets keep their order
+        assert [p for p in got if p in set(ps)] == ps
+
+
+def test_the_network_thread_is_woken_only_for_what_is_left_to_write() -> None:
+    client = Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    try:
+        client._sock = a  # type: ignore[assignment]
+        wakes = WakeCounter()
+        client._sockpairW = wakes  # type: ignore[assignment]
+        client._packet_queue(0x40, b"\x00\x02hi", 1, 1)
+        assert b.recv(100) == b"\x00\x02hi"  # written by the calling thread
+        assert wakes.sent == 0
+        assert not client.want_write()
+        with client._in_callback_mutex:  # inside a paho callback: the network thread writes
+            client._packet_queue(0x40, b"\x00\x02ho", 2, 1)
+        assert wakes.sent == 1
+        assert client.want_write()
+        client.loop_write()
+        assert b.recv(100) == b"\x00\x02ho"
+    finally:
+        a.close()
+        b.close()
+
+
+SENDERS, EACH = 8, 40
+
+
+def test_publishing_from_many_threads_over_a_full_socket_keeps_every_packet_whole(broker: Any
+                                                                                   ) -> None:
+    """On a slow link writes are often partial. paho, driven by our own network thread, also
+    writes from whichever thread publishes: two threads writing at once could interleave the
+    bytes of two packets, which the broker takes for a protocol error and drops the connection.
+    A 16 Mbit/s link keeps the socket's buffer full, so partial writes are the rule here."""
+    topic = f"test/whole/{uuid.uuid4().hex[:8]}"
+    got: list[bytes] = []
+    done = threading.Event()
+    bodies = [hashlib.sha256(f"{k}-{i}".encode()).digest() * 1024 for k in range(SENDERS)
+              for i in range(EACH)]  # 32 KiB each, several times the send buffer below
+
+    def on_message(client: Any, userdata: Any, msg: Any) -> None:
+        got.append(msg.payload)
+        if len(got) >= len(bodies):
+            done.set()
+
+    reader = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    reader.on_message = on_message
+    reader.connect(broker.host, broker.port)
+    reader.subscribe(topic, qos=1)
+    reader.loop_start()
+    with LinkEmulator((broker.host, broker.port), "none", up_mbps=16) as link:
+        host, port = link.address
+        t = Transport(BrokerConfig(url=f"mqtt://{host}:{port}"), f"whole-{uuid.uuid4().hex[:8]}",
+                      max_inflight=1000)
+        t.start()
+        try:
+            assert t.wait_connected(15), t.last_error
+            t._client._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+            time.sleep(0.3)  # the reader's SUBSCRIBE is in
+
+            def send(k: int) -> None:
+                for body in bodies[k * EACH:(k + 1) * EACH]:
+                    assert t.publish(topic, body, qos=1) is not None
+
+            senders = [threading.Thread(target=send, args=(k,)) for k in range(SENDERS)]
+            for s in senders:
+                s.start()
+            for s in senders:
+                s.join()
+            assert done.wait(60), f"{len(got)} of {len(bodies)} arrived; last error {t.last_error}"
+            assert t.connects == 1, f"the connection was dropped (a garbled packet): {t.last_error}"
+            assert sorted(got) == sorted(bodies)  # each whole, each once
+        finally:
+            t.stop()
+            reader.loop_stop()
+            reader.disconnect()

@@ -39,6 +39,31 @@ def test_concurrent_singles_are_merged_and_split_back(digits_model: Model, digit
     assert all(r.model is digits_model for r in results)
 
 
+def test_a_lone_request_does_not_wait_out_max_delay(digits_model: Model, digits_split):
+    """Nothing else came for a quarter of max_delay: the batch closes (the lull rule)."""
+    batcher = MicroBatcher(digits_model, max_batch=32, max_delay_ms=8000)
+    try:
+        result = batcher.run(digits_split.x_test[0], timeout=6)  # max_delay alone would time out
+    finally:
+        batcher.close()
+    assert result.batch_size == 1
+
+
+def test_flush_runs_what_is_queued_without_waiting(digits_model: Model, digits_split):
+    batcher = MicroBatcher(digits_model, max_batch=32, max_delay_ms=60_000)
+    try:
+        futures = [batcher.submit(x) for x in digits_split.x_test[:3]]
+        batcher.flush()  # the caller has no more now
+        results = [f.result(10) for f in futures]  # the lull alone would be 15 s
+        batcher.flush()  # nothing queued: nothing to do
+        later = batcher.submit(digits_split.x_test[3])
+        batcher.flush()
+        assert later.result(10).batch_size == 1
+    finally:
+        batcher.close()
+    assert [r.batch_size for r in results] == [3, 3, 3]
+
+
 def test_batch_never_exceeds_max_batch(digits_model: Model, digits_split):
     batcher = MicroBatcher(digits_model, max_batch=4, max_delay_ms=50)
     futures = [batcher.submit(x) for x in digits_split.x_test[:10]]
