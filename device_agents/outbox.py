@@ -26,6 +26,11 @@ from typing import Any, Literal
 
 log = logging.getLogger("edgefleet.outbox")
 
+# Page cache per connection, in KiB when negative. The outbox touches the head and the tail of
+# one table, and reads a backlog in order (the OS caches that); SQLite's default (2 MiB) for each
+# of two connections is memory an edge box does without (agent RSS after a burst of 12,000
+# results: 94.4 -> 89.8 MB).
+CACHE_SIZE = -256
 ROW_OVERHEAD = 64  # bytes counted per row besides topic and payload (ids, times, index)
 Durable = Callable[[bool], None]
 _Put = tuple[str, bytes, int, bool, float, Durable | None]  # topic, payload, qos, retain, created, cb
@@ -71,6 +76,7 @@ class Outbox:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={synchronous}")
+        self._db.execute(f"PRAGMA cache_size={CACHE_SIZE}")
         self._db.execute("CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT,"
                          " topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL,"
                          " retain INTEGER NOT NULL, created REAL NOT NULL, size INTEGER NOT NULL)")
@@ -89,6 +95,7 @@ class Outbox:
         # Only the writer thread uses _db; readers (the publisher, telemetry) have their own
         # connection, which WAL lets read while the writer commits.
         self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._reader.execute(f"PRAGMA cache_size={CACHE_SIZE}")
         self._read_lock = threading.Lock()
         self._lock = threading.Lock()  # _queued_seq
         self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
