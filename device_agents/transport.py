@@ -254,16 +254,25 @@ class Transport:
                     self._unconfirmed[mid] = part
                     continue
                 self._early_subacks.discard(mid)  # the SUBACK beat us here
-                complete = not self._unconfirmed and not self._subscribe_later
-            if complete and self._on_subscribed is not None:
-                self._on_subscribed()
+                settled = self._settled()
+            if settled:
+                self._all_subscribed()
 
     @property
     def subscribed(self) -> bool:
         """Connected, and every SUBSCRIBE sent has its SUBACK: on a new session a message
         published before that is not routed here."""
         with self._sub_lock:
-            return self.connected and not self._unconfirmed and not self._subscribe_later
+            return self.connected and self._settled()
+
+    def _settled(self) -> bool:  # under _sub_lock
+        return not self._unconfirmed and not self._subscribe_later
+
+    def _all_subscribed(self) -> None:
+        """The last SUBACK awaited is in (decided under the lock that matched it, so only one
+        caller sees it): tell on_subscribed."""
+        if self._on_subscribed is not None:
+            self._on_subscribed()
 
     def wait_subscribed(self, timeout: float | None = None) -> bool:
         """Wait until `subscribed`."""
@@ -439,9 +448,9 @@ class Transport:
             if self._unconfirmed.pop(mid, None) is None:
                 self._early_subacks.add(mid)
                 return
-            complete = not self._unconfirmed and not self._subscribe_later
-        if complete and self._on_subscribed is not None:
-            self._on_subscribed()
+            settled = self._settled()
+        if settled:
+            self._all_subscribed()
 
     def _handle_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
                         properties: Any) -> None:

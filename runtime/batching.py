@@ -99,15 +99,7 @@ class Pending:
 
     def _finish(self, result: BatchResult | None, error: BaseException | None) -> None:
         self._result, self._error = result, error
-        self._wake()
-
-    def _wake(self) -> None:
-        with _CALLBACK_LOCK:
-            self._woken = True
-            callbacks, self._callbacks = self._callbacks, None
-        self._latch.release()
-        for fn in callbacks or ():
-            fn(self)
+        _wake_all([self])
 
 
 # A batch also closes when no request has come for this fraction of max_delay: traffic that
@@ -118,6 +110,22 @@ class Pending:
 LULL_FRACTION = 0.25
 
 _CALLBACK_LOCK = threading.Lock()  # registration vs completion of callbacks; held for nanoseconds
+
+
+def _wake_all(done: list[Pending]) -> None:
+    """Release the callers of requests whose outcome is set, then run their callbacks; the
+    callback lock is taken once for the lot, not once a request."""
+    with _CALLBACK_LOCK:
+        for pending in done:
+            pending._woken = True
+        callbacks = [(p, p._callbacks) for p in done if p._callbacks is not None]
+        for pending, _ in callbacks:
+            pending._callbacks = None
+    for pending in done:
+        pending._latch.release()
+    for pending, fns in callbacks:
+        for fn in fns:
+            fn(pending)
 
 
 def _batch_result(part: dict[str, np.ndarray], model: Model, queue_s: float, inference_s: float,
@@ -231,19 +239,8 @@ class MicroBatcher:
         only goes back to sleep waiting for it, one more thread switch per request.
         """
         ready, self._ready = self._ready, []
-        if not ready:
-            return
-        with _CALLBACK_LOCK:  # once for the batch, not once a request
-            for pending in ready:
-                pending._woken = True
-            callbacks = [(p, p._callbacks) for p in ready if p._callbacks is not None]
-            for pending, _ in callbacks:
-                pending._callbacks = None
-        for pending in ready:
-            pending._latch.release()
-        for pending, fns in callbacks:
-            for fn in fns:
-                fn(pending)
+        if ready:
+            _wake_all(ready)
 
     def _collect(self) -> list[Pending]:
         """Wait for a first request, then for more until max_batch rows, its deadline, a lull, or
