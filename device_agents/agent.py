@@ -29,7 +29,7 @@ from device_agents import protocol
 from device_agents.chunks import ChunkStore
 from device_agents.config import AgentConfig
 from device_agents.delivery import DeliveryManager
-from device_agents.health import ProcessStats
+from device_agents.health import ProcessStats, release_free_heap
 from device_agents.inference import InferenceService
 from device_agents.outbox import Outbox
 from device_agents.protocol import ProtocolError, Topics
@@ -45,6 +45,7 @@ log = logging.getLogger("edgefleet.agent")
 AGENT_VERSION = "edgefleet-agent/0.1"
 SENSORS_READY_S = 30.0  # longest "online" waits for a sensor broker of its own to take the SUBSCRIBE
 # (a broker without MQTT 5 costs a 5 s CONNACK timeout and a probe before the 3.1.1 connect)
+HEAP_TRIM_S = 1.0  # how often freed heap is handed back to the OS (cheap: see health)
 PUBLISH_WINDOW = 64  # results handed to paho and not yet acknowledged by the broker
 
 
@@ -526,8 +527,15 @@ class Agent:
         return doc
 
     def _telemetry_loop(self) -> None:
+        """Telemetry every telemetry_interval_s; between, every HEAP_TRIM_S, the heap freed by
+        the last burst goes back to the OS, so RSS comes down after a burst (see health)."""
         interval = self.config.agent.telemetry_interval_s
-        while not self._stopping.wait(interval):
+        due = time.monotonic() + interval
+        while not self._stopping.wait(max(0.0, min(HEAP_TRIM_S, due - time.monotonic()))):
+            release_free_heap()
+            if time.monotonic() < due:
+                continue
+            due = time.monotonic() + interval
             if self.uplink.connected:
                 self.uplink.publish(self.topics.telemetry, protocol.encode(self.telemetry()), qos=0)
 

@@ -1,10 +1,31 @@
-"""What the agent reports about itself: process figures for telemetry, read from /proc."""
+"""What the agent reports about itself (process figures for telemetry, read from /proc), and
+what it does to keep them flat (heap freed by a burst goes back to the OS)."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 import time
+from collections.abc import Callable
+
+# glibc's malloc_trim, where the C library has it (not musl, not macOS): None elsewhere
+_MALLOC_TRIM: Callable[[int], int] | None = getattr(ctypes.CDLL(None), "malloc_trim", None)
+
+
+def release_free_heap() -> bool:
+    """Hand the C heap's free pages back to the OS; False where the C library cannot.
+
+    CPython returns its own empty arenas, but glibc keeps what other allocations (payloads,
+    SQLite rows, numpy buffers) freed in its per-thread heaps. After two bursts of 6,000
+    messages the agent's RSS was 90.1-92.3 MB untrimmed (four runs), 85.7 and 87.7 MB trimmed
+    every second (two runs). A call costs about 0.5 ms when there is memory to give back and
+    10 us when there is none, without the GIL.
+    """
+    if _MALLOC_TRIM is None:
+        return False
+    _MALLOC_TRIM(0)
+    return True
 
 
 class ProcessStats:
