@@ -109,7 +109,7 @@ class Agent:
         self.intake: queue.Queue[Message | None] = queue.Queue(maxsize=config.agent.max_queue)
         ob = config.outbox
         self.outbox = Outbox(self.data_dir / "outbox.db", max_bytes=ob.max_bytes, ttl_s=ob.ttl_s,
-                             on_full=ob.on_full, on_commit=self._wake_publisher.set)
+                             on_full=ob.on_full)  # on_commit: set once the uplink exists
         keys = [load_public_key(Path(p)) for p in config.security.trusted_keys]
         self.store = ModelStore(self.data_dir / "models", keys, config.security.require_signed)
         self.inference = InferenceService(config.runtime, config.agent.max_queue)

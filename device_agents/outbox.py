@@ -73,10 +73,9 @@ class Outbox:
         self.on_full = on_full
         self.on_commit = on_commit  # rows were stored: e.g. publish them
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db = _connect(path)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={synchronous}")
-        self._db.execute(f"PRAGMA cache_size={CACHE_SIZE}")
         self._db.execute("CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT,"
                          " topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL,"
                          " retain INTEGER NOT NULL, created REAL NOT NULL, size INTEGER NOT NULL)")
@@ -94,8 +93,7 @@ class Outbox:
         self.write_errors = 0
         # Only the writer thread uses _db; readers (the publisher, telemetry) have their own
         # connection, which WAL lets read while the writer commits.
-        self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._reader.execute(f"PRAGMA cache_size={CACHE_SIZE}")
+        self._reader = _connect(path)
         self._read_lock = threading.Lock()
         self._lock = threading.Lock()  # _queued_seq
         self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -336,3 +334,10 @@ class Outbox:
         depth, size = self._db.execute("SELECT count(*), coalesce(sum(size), 0) FROM outbox").fetchone()
         self._depth, self._bytes = int(depth), int(size)
         self.dropped_by = dict(self._db.execute("SELECT name, value FROM counters").fetchall())
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """A connection of the outbox's: explicit transactions, any thread, a small page cache."""
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute(f"PRAGMA cache_size={CACHE_SIZE}")
+    return conn

@@ -149,6 +149,7 @@ class MicroBatcher:
         self.slot = source if isinstance(source, ModelSlot) else ModelSlot(source)
         self.max_batch = max_batch
         self.max_delay_s = max_delay_ms / 1000.0
+        self._lull_s = self.max_delay_s * LULL_FRACTION
         self.max_queue = max_queue
         self._items: deque[Pending] = deque()
         self._queued_rows = 0
@@ -254,7 +255,7 @@ class MicroBatcher:
                 self._wake_ready()
                 self._cond.wait()
             deadline = items[0]._enqueued + self.max_delay_s
-            lull = self.max_delay_s * LULL_FRACTION
+            lull = self._lull_s
             while not self._closed and self._queued_rows < self.max_batch and not self._flush:
                 # the last request's arrival, read off the queue: submit does no extra work
                 remaining = min(deadline, items[-1]._enqueued + lull) - time.perf_counter()
