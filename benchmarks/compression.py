@@ -6,6 +6,9 @@
    `--quantize auto --metric cosine --tolerance 0.01`, beside plain
    `onnxruntime.quantization.quantize_dynamic` with default options on the same model.
 3. How long each compress run takes, end to end.
+4. This CPU's INT8 GEMM ceiling: onnxruntime's INT8 matrix product against its float one on
+   MiniLM's shapes. Where the two run at the same speed, no quantizer can make a GEMM-bound
+   transformer faster; the figure says whether a missed latency target is the model or the machine.
 Latency: 2 threads, batch 1, warm medians, candidates measured side by side in one process.
 """
 
@@ -16,6 +19,8 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +135,52 @@ def minilm_runs(work: Path, quick: bool) -> dict[str, Any]:
     }
 
 
+def gemm_ceiling(quick: bool) -> dict[str, Any]:
+    """Median time of onnxruntime's INT8 GEMM (DynamicQuantizeMatMul, the kernel dynamic INT8
+    runs) over its float MatMul, for MiniLM's three weight shapes at sequence length 128."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from benchmarks.common import interleaved_medians
+    from runtime.model import SessionConfig
+
+    rng = np.random.default_rng(0)
+
+    def model(k: int, n: int, int8: bool) -> bytes:
+        if int8:
+            inits = [numpy_helper.from_array(rng.integers(-127, 128, (k, n), dtype=np.int8), "w"),
+                     numpy_helper.from_array(np.array(0.01, np.float32), "s")]
+            node = helper.make_node("DynamicQuantizeMatMul", ["a", "w", "s"], ["y"],
+                                    domain="com.microsoft")
+        else:
+            inits = [numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32), "w")]
+            node = helper.make_node("MatMul", ["a", "w"], ["y"])
+        graph = helper.make_graph([node], "gemm", [helper.make_tensor_value_info(
+            "a", TensorProto.FLOAT, ["m", k])], [helper.make_tensor_value_info(
+                "y", TensorProto.FLOAT, ["m", n])], inits)
+        proto = helper.make_model(graph, ir_version=8, opset_imports=[
+            helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        data: bytes = proto.SerializeToString()
+        return data
+
+    figures: dict[str, Any] = {}
+    ratios = []
+    for k, n in ((384, 384), (384, 1536), (1536, 384)):
+        feed = {"a": rng.standard_normal((128, k), dtype=np.float32)}
+        runs: dict[str, Callable[[], Any]] = {}
+        for int8 in (False, True):
+            options = SessionConfig(threads=THREADS, auto_threads=False).session_options()
+            sess = ort.InferenceSession(model(k, n, int8), sess_options=options,
+                                        providers=["CPUExecutionProvider"])
+            runs["int8" if int8 else "fp32"] = partial(sess.run, None, feed)
+        med = interleaved_medians(runs, calls=20 if quick else 100, rounds=4)
+        ratios.append(med["int8"] / med["fp32"])
+        figures[f"gemm_{k}x{n}_fp32_ms"] = round(med["fp32"] * 1000, 3)
+        figures[f"gemm_{k}x{n}_int8_ms"] = round(med["int8"] * 1000, 3)
+    figures["int8_gemm_vs_fp32"] = round(float(np.mean(ratios)), 3)
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -143,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         report.figures.update(digits_runs(work, args.quick))
         if not args.skip_minilm:
             report.figures.update(minilm_runs(work, args.quick))
+        report.figures.update(gemm_ceiling(args.quick))
     report.targets = [
         Target("resnet_static_drop_points", "<=", 0.5),
         Target("resnet_static_size_ratio", ">=", 3.5),
