@@ -320,16 +320,17 @@ class Agent:
     # -- intake worker: parse, route, submit -------------------------------------------------
 
     def _intake_loop(self) -> None:
-        """Serve what is queued; when the queue runs dry, flush the batchers fed since: nothing
-        more is coming now, so no batch waits for batch-mates (max_delay) in light traffic, and
-        under load batches are as large as the backlog."""
+        """Serve what is queued; when the queue runs dry, run what the batchers were fed since,
+        here: nothing more is coming now, so no batch waits for batch-mates (max_delay) in light
+        traffic, and no batch is handed to the batcher's thread and back. Under load the queue
+        does not run dry: full batches go to the batcher's thread, and this one parses on."""
         fed: set[MicroBatcher] = set()
         while True:
             try:
                 msg = self.intake.get_nowait()
             except queue.Empty:
                 for batcher in fed:
-                    batcher.flush()
+                    batcher.run_queued()
                 fed.clear()
                 msg = self.intake.get()
             if msg is None:
@@ -364,7 +365,7 @@ class Agent:
             self._error(msg, stream, protocol.UNKNOWN_STREAM,
                         f"no model serves stream {stream!r}", sensor.id)
             return None
-        pending = batcher.submit(sensor.inputs)
+        pending = batcher.submit(sensor.inputs, wake=False)  # run_queued, when the queue is dry
         pending.add_done_callback(lambda p: self._answer(msg, stream, sensor.id, ts_in, p))
         return batcher
 

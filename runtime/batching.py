@@ -128,6 +128,10 @@ def _wake_all(done: list[Pending]) -> None:
             fn(pending)
 
 
+def _nothing() -> None:
+    pass
+
+
 def _batch_result(part: dict[str, np.ndarray], model: Model, queue_s: float, inference_s: float,
                   size: int) -> BatchResult:
     return _new_tuple(BatchResult, (part, model, queue_s, inference_s, size))
@@ -163,8 +167,12 @@ class MicroBatcher:
         self._worker = threading.Thread(target=self._loop, name="edgefleet-batcher", daemon=True)
         self._worker.start()
 
-    def submit(self, inputs: Mapping[str, Any] | Any) -> Pending:
-        """Queue one request; its Pending holds a BatchResult or the request's own error."""
+    def submit(self, inputs: Mapping[str, Any] | Any, *, wake: bool = True) -> Pending:
+        """Queue one request; its Pending holds a BatchResult or the request's own error.
+
+        wake=False: the caller will run the queue itself (`run_queued`) once it stops
+        submitting, so the worker is woken only by a full batch, not by a first request.
+        """
         pending = Pending()
         try:
             model = self.slot.current  # the request is bound to the model active now
@@ -192,7 +200,9 @@ class MicroBatcher:
                 # Wake the worker only when it has something to do: a first request, or a full
                 # batch. Waking it on every request costs a thread switch each (measured: it
                 # halved throughput with 64 producers).
-                if self._wake_at is not None and self._queued_rows >= self._wake_at:
+                wake_at = self._wake_at
+                if wake_at is not None and self._queued_rows >= (
+                        wake_at if wake else self.max_batch):
                     self._cond.notify()
         if error is not None:
             pending._finish(None, error)
@@ -217,6 +227,20 @@ class MicroBatcher:
             if self._wake_at is not None:  # the worker is waiting for more
                 self._cond.notify()
 
+    def run_queued(self) -> None:
+        """Run one batch of what is queued now, on the caller's thread, callbacks included.
+
+        For a caller that feeds the batcher from a queue of its own: when that queue runs dry no
+        batch-mates are coming, and running the batch here saves handing it to the worker
+        thread and back (two thread switches per batch; on a busy 2-core box each switch waits
+        for a CPU). The worker still runs batches that fill up meanwhile.
+        """
+        batch = self._take(locked=False)
+        if batch:
+            ready: list[Pending] = []
+            self._process(batch, ready, _nothing)
+            _wake_all(ready)
+
     def close(self, timeout: float | None = None) -> None:
         """Stop intake, finish every queued request, then stop the worker."""
         with self._cond:
@@ -230,7 +254,15 @@ class MicroBatcher:
             if not batch:
                 self._wake_ready()
                 return
-            self._process(batch)
+            self._ran = False
+            self._process(batch, self._ready, self._before_run)
+            if not self._ran:  # no onnxruntime call woke the waiters of earlier batches: do it now
+                self._wake_ready()
+
+    def _before_run(self) -> None:
+        """The worker is about to let go of the GIL for onnxruntime: wake the ready callers."""
+        self._wake_ready()
+        self._ran = True
 
     def _wake_ready(self) -> None:
         """Wake the callers whose results are ready.
@@ -239,8 +271,9 @@ class MicroBatcher:
         requests), not as each result is set: a caller woken while the worker still holds the GIL
         only goes back to sleep waiting for it, one more thread switch per request.
         """
-        ready, self._ready = self._ready, []
-        if ready:
+        if self._ready:  # emptied in place: the batch being run appends to this very list
+            ready = self._ready.copy()
+            self._ready.clear()
             _wake_all(ready)
 
     def _collect(self) -> list[Pending]:
@@ -248,35 +281,51 @@ class MicroBatcher:
         a flush."""
         items = self._items
         with self._cond:
-            while not items:
-                if self._closed:
-                    return []
-                self._wake_at = 1
-                self._wake_ready()
-                self._cond.wait()
-            deadline = items[0]._enqueued + self.max_delay_s
-            lull = self._lull_s
-            while not self._closed and self._queued_rows < self.max_batch and not self._flush:
-                # the last request's arrival, read off the queue: submit does no extra work
-                remaining = min(deadline, items[-1]._enqueued + lull) - time.perf_counter()
-                if remaining <= 0:
-                    break
-                self._wake_at = self.max_batch
-                self._wake_ready()
-                self._cond.wait(remaining)
-            self._wake_at = None
-            self._flush = False
-            batch = [items.popleft()]
-            rows = batch[0]._rows
-            while items and rows + items[0]._rows <= self.max_batch:
-                req = items.popleft()
-                batch.append(req)
-                rows += req._rows
-            self._queued_rows -= rows
+            while True:
+                while not items:
+                    if self._closed:
+                        return []
+                    self._wake_at = 1
+                    self._wake_ready()
+                    self._cond.wait()
+                deadline = items[0]._enqueued + self.max_delay_s
+                lull = self._lull_s
+                while (items and not self._closed and self._queued_rows < self.max_batch
+                       and not self._flush):
+                    # the last request's arrival, read off the queue: submit does no extra work
+                    remaining = min(deadline, items[-1]._enqueued + lull) - time.perf_counter()
+                    if remaining <= 0:
+                        break
+                    self._wake_at = self.max_batch
+                    self._wake_ready()
+                    self._cond.wait(remaining)
+                self._wake_at = None
+                self._flush = False
+                batch = self._take(locked=True)
+                if batch:  # else a caller ran the queue (run_queued) while this waited
+                    return batch
+
+    def _take(self, locked: bool) -> list[Pending]:
+        """Up to max_batch rows off the queue (none if it is empty)."""
+        if not locked:
+            with self._lock:
+                return self._take(locked=True)
+        items = self._items
+        if not items:
+            return []
+        batch = [items.popleft()]
+        rows = batch[0]._rows
+        while items and rows + items[0]._rows <= self.max_batch:
+            req = items.popleft()
+            batch.append(req)
+            rows += req._rows
+        self._queued_rows -= rows
         return batch
 
-    def _process(self, batch: list[Pending]) -> None:
-        self._ran = False
+    def _process(self, batch: list[Pending], ready: list[Pending],
+                 before_run: Callable[[], None]) -> None:
+        """Run a batch; finished requests go to `ready` (their callers are woken later, by
+        whoever owns that list), before_run is called just before each onnxruntime call."""
         try:
             groups = _groups(batch)
         except Exception as exc:  # never let the worker die: fail this batch, serve the next
@@ -284,13 +333,12 @@ class MicroBatcher:
             _fail_all(batch, exc)
         for group in groups:
             try:
-                self._run_group(group)
+                self._run_group(group, ready, before_run)
             except Exception as exc:
                 _fail_all(group, exc)
-        if not self._ran:  # no onnxruntime call woke the waiters of earlier batches: do it now
-            self._wake_ready()
 
-    def _run_group(self, group: list[Pending]) -> None:
+    def _run_group(self, group: list[Pending], ready: list[Pending],
+                   before_run: Callable[[], None]) -> None:
         model = group[0]._model
         if len(group) == 1:
             arrays = group[0]._arrays
@@ -300,24 +348,22 @@ class MicroBatcher:
         if bad:  # rare: find the culprits, fail them, run the others
             group = self._fail_non_finite(model, group)
             if group:
-                self._run_group(group)
+                self._run_group(group, ready, before_run)
             return
         started = time.perf_counter()
         try:
-            self._wake_ready()
-            self._ran = True
+            before_run()
             outputs = model.run_checked(arrays)
         except InferenceError as exc:
             if len(group) == 1:
                 group[0]._finish(None, exc)
             else:  # find the one that broke the batch; the others still succeed
                 for req in group:
-                    self._run_group([req])
+                    self._run_group([req], ready, before_run)
             return
         done = time.perf_counter()
         spent, size = done - started, len(group)
         model.metrics.record_many([done - req._enqueued for req in group])
-        ready = self._ready
         if size == 1 and not group[0]._squeeze:  # as it came: the outputs need not have its rows
             req = group[0]
             req._result = _batch_result(outputs, model, started - req._enqueued, spent, 1)

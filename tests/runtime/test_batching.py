@@ -64,6 +64,105 @@ def test_flush_runs_what_is_queued_without_waiting(digits_model: Model, digits_s
     assert [r.batch_size for r in results] == [3, 3, 3]
 
 
+def test_run_queued_runs_the_batch_on_the_callers_thread(digits_model: Model, digits_split):
+    """wake=False + run_queued: the caller runs the batch itself, callbacks included; the worker
+    is not woken for a first request."""
+    batcher = MicroBatcher(digits_model, max_batch=32, max_delay_ms=60_000)
+    seen: list[str] = []
+    try:
+        futures = [batcher.submit(x, wake=False) for x in digits_split.x_test[:3]]
+        for f in futures:
+            f.add_done_callback(lambda _: seen.append(threading.current_thread().name))
+        time.sleep(0.2)
+        assert not any(f.done() for f in futures)  # the worker was not woken, and did not run
+        batcher.run_queued()
+        assert all(f.done() for f in futures)  # done on return, no waiting
+        results = [f.result(0) for f in futures]
+        batcher.run_queued()  # nothing queued: nothing to do
+    finally:
+        batcher.close()
+    assert [r.batch_size for r in results] == [3, 3, 3]
+    assert seen == [threading.current_thread().name] * 3
+    want = digits_model.run(digits_split.x_test[:3])["logits"]
+    np.testing.assert_allclose(np.stack([r.outputs["logits"] for r in results]), want,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_without_wake_a_full_batch_still_goes_to_the_worker(digits_model: Model, digits_split):
+    batcher = MicroBatcher(digits_model, max_batch=4, max_delay_ms=60_000)
+    names: list[str] = []
+    try:
+        futures = [batcher.submit(x, wake=False) for x in digits_split.x_test[:4]]
+        futures[0].add_done_callback(lambda _: names.append(threading.current_thread().name))
+        results = [f.result(10) for f in futures]  # the lull alone would be 15 s
+    finally:
+        batcher.close()
+    assert [r.batch_size for r in results] == [4] * 4
+    assert names == ["edgefleet-batcher"]
+
+
+def test_worker_carries_on_when_a_caller_takes_the_batch_it_waits_on(digits_model: Model,
+                                                                     digits_split):
+    batcher = MicroBatcher(digits_model, max_batch=32, max_delay_ms=60_000)
+    try:
+        first = batcher.submit(digits_split.x_test[0])  # wakes the worker: it waits for mates
+        time.sleep(0.2)
+        batcher.flush()  # wakes it again, to run the batch ...
+        batcher.run_queued()  # ... which this thread takes first (the worker must wake up)
+        assert first.done()
+        time.sleep(0.2)
+        second = batcher.submit(digits_split.x_test[1])
+        batcher.flush()
+        result = second.result(10)  # run by the worker, which went back to waiting
+    finally:
+        batcher.close()
+    assert result.batch_size == 1
+
+
+def test_run_queued_racing_the_worker_answers_every_request_once(digits_model: Model,
+                                                                  digits_split):
+    """Producers wake the worker while a driver keeps running the queue itself: each request is
+    run exactly once, by one of them, and gets its own answer."""
+    # a lull of 5 ms: the driver, every millisecond, takes batches the worker is waiting on
+    batcher = MicroBatcher(digits_model, max_batch=8, max_delay_ms=20)
+    xs = digits_split.x_test[:200]
+    expected = digits_model.run(xs)["logits"]
+    calls = [0] * len(xs)
+    stop = threading.Event()
+
+    def drive() -> None:
+        while not stop.is_set():
+            batcher.run_queued()
+            time.sleep(0.001)
+
+    def produce(k: int) -> list[tuple[int, object]]:
+        out = []
+        for i in range(k, len(xs), 4):
+            fut = batcher.submit(xs[i], wake=i % 2 == 0)
+            fut.add_done_callback(lambda _, i=i: calls.__setitem__(i, calls[i] + 1))
+            out.append((i, fut))
+        return out
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            submitted = [p for part in pool.map(produce, range(4)) for p in part]
+        results = {i: fut.result(10) for i, fut in submitted}  # type: ignore[attr-defined]
+        stop.set()
+        driver.join()
+        after = batcher.run(xs[0], timeout=10)  # the worker is still there, alone now
+    finally:
+        stop.set()
+        driver.join()
+        batcher.close()
+    np.testing.assert_allclose(after.outputs["logits"], expected[0], rtol=1e-5, atol=1e-6)
+    assert sorted(results) == list(range(len(xs)))
+    for i, result in results.items():
+        np.testing.assert_allclose(result.outputs["logits"], expected[i], rtol=1e-5, atol=1e-6)
+    assert calls == [1] * len(xs)
+
+
 def test_batch_never_exceeds_max_batch(digits_model: Model, digits_split):
     batcher = MicroBatcher(digits_model, max_batch=4, max_delay_ms=50)
     futures = [batcher.submit(x) for x in digits_split.x_test[:10]]
