@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import statistics
 import time
@@ -17,21 +16,10 @@ RESULTS_DIR = Path(__file__).parent / "results"
 
 def machine() -> dict[str, Any]:
     import numpy
-    import onnxruntime
 
-    flags = ""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines()
-                      if ln.startswith("model name")), platform.processor())
-        flags = next((ln for ln in cpuinfo.splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        model = platform.processor()
-    return {
-        "cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
-        "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__,
-        "avx2": " avx2" in flags, "avx512_vnni": "avx512_vnni" in flags or "avx_vnni" in flags,
-    }
+    from compress.passes.base import machine as cpu
+
+    return {**cpu(), "python": platform.python_version(), "numpy": numpy.__version__}
 
 
 @dataclass

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from compress.passes.base import machine
 from compress.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ def report_dict(result: Result, recipe: Recipe) -> dict[str, Any]:
         "name": recipe.model_name, "version": recipe.version, "source": recipe.source,
         "metric": result.metric, "tolerance": recipe.tolerance, "threads": recipe.threads,
         "export": {"method": result.export.method, "max_abs_diff": result.export.max_abs_diff},
+        "machine": machine(),
         "candidates": rows, "chosen": result.chosen.name, "reason": result.reason,
         "notes": result.notes, "seconds": round(result.seconds, 2),
     }
@@ -46,7 +48,8 @@ def markdown(doc: dict[str, Any]) -> str:
         f"# {doc['name']} v{doc['version']}: compression report", "",
         f"Chosen: **{doc['chosen']}**: {doc['reason']}.", "",
         f"Quality metric: {doc['metric']} (tolerance {doc['tolerance']}); latency: median of warm "
-        f"single-sample runs with {doc['threads']} thread(s), measured side by side.", "",
+        f"single-sample runs with {doc['threads']} thread(s), measured side by side, on "
+        f"{_machine_line(doc['machine'])}.", "",
         "| candidate | size | vs fp32 | transfer (zlib) | latency ms | speedup | quality | loss | within |",
         "|---|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
@@ -66,6 +69,13 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(f"- {note}")
     lines.append(f"\nCompression took {doc['seconds']} s.\n")
     return "\n".join(lines)
+
+
+def _machine_line(m: dict[str, Any]) -> str:
+    int8 = ("with VNNI: INT8 kernels can beat float" if m["avx512_vnni"] else
+            "without VNNI: INT8 kernels may run no faster than float here, and buy size rather "
+            "than speed")
+    return f"{m['cpu']} ({m['cores']} cores), onnxruntime {m['onnxruntime']}, {int8}"
 
 
 def _chart(doc: dict[str, Any], path: Path) -> None:

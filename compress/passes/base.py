@@ -1,4 +1,5 @@
-"""What every pass shares: a name for the report and `run(src, dst)`."""
+"""What every pass shares: a name for the report and `run(src, dst)`; and the CPU facts that
+quantization and the report depend on."""
 
 from __future__ import annotations
 
@@ -16,11 +17,31 @@ class Pass(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
+def _cpuinfo_field(name: str) -> str:
+    """One field of /proc/cpuinfo's first CPU ("" where there is none, as off Linux)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((ln.split(":", 1)[1].strip() for ln in lines
+                 if ln.split(":", 1)[0].strip() == name and ":" in ln), "")
+
+
 def cpu_has_vnni() -> bool:
     """Without VNNI, u8s8 integer kernels can saturate; weights then use a reduced 7-bit range."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return False
+    flags = _cpuinfo_field("flags").split()
     return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def machine() -> dict[str, Any]:
+    """The CPU that latencies were measured on. They hold for that CPU only: INT8 kernels, for
+    one, run no faster than float on CPUs without a fast INT8 path (VNNI)."""
+    import os
+    import platform
+
+    import onnxruntime
+
+    flags = _cpuinfo_field("flags").split()
+    return {"cpu": _cpuinfo_field("model name") or platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
+            "avx2": "avx2" in flags, "avx512_vnni": cpu_has_vnni()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,9 @@ def test_static_int8_package_with_reports(tmp_path, cdata, keys_dir):
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report_json = json.loads((out / "report.json").read_text())
     assert report_json["chosen"] == "static-int8-pc"
+    assert report_json["machine"]["cores"] == os.cpu_count()  # latencies hold for this CPU
+    assert report_json["machine"]["cpu"]
+    assert "VNNI" in (out / "report.md").read_text()
     # the package's own measurement is true: accuracy within the tolerance of the float model
     assert accuracy(out, cdata["test"]) >= doc["candidates"][0]["quality"]["value"] - 0.01
 
