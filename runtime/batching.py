@@ -235,7 +235,8 @@ class MicroBatcher:
         thread and back (two thread switches per batch; on a busy 2-core box each switch waits
         for a CPU). The worker still runs batches that fill up meanwhile.
         """
-        batch = self._take(locked=False)
+        with self._lock:
+            batch = self._take()
         if batch:
             ready: list[Pending] = []
             self._process(batch, ready, _nothing)
@@ -301,15 +302,12 @@ class MicroBatcher:
                     self._cond.wait(remaining)
                 self._wake_at = None
                 self._flush = False
-                batch = self._take(locked=True)
+                batch = self._take()
                 if batch:  # else a caller ran the queue (run_queued) while this waited
                     return batch
 
-    def _take(self, locked: bool) -> list[Pending]:
-        """Up to max_batch rows off the queue (none if it is empty)."""
-        if not locked:
-            with self._lock:
-                return self._take(locked=True)
+    def _take(self) -> list[Pending]:
+        """Up to max_batch rows off the queue (none if it is empty); under the lock."""
         items = self._items
         if not items:
             return []

@@ -3,6 +3,7 @@ quantization and the report depend on."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -17,19 +18,19 @@ class Pass(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
-def _cpuinfo_field(name: str) -> str:
-    """One field of /proc/cpuinfo's first CPU ("" where there is none, as off Linux)."""
+@functools.cache
+def _cpuinfo() -> dict[str, str]:
+    """The first CPU's fields in /proc/cpuinfo, read once ({} where there is none, as off Linux)."""
     try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        lines = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0].splitlines()
     except OSError:
-        return ""
-    return next((ln.split(":", 1)[1].strip() for ln in lines
-                 if ln.split(":", 1)[0].strip() == name and ":" in ln), "")
+        return {}
+    return {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in lines) if v}
 
 
 def cpu_has_vnni() -> bool:
     """Without VNNI, u8s8 integer kernels can saturate; weights then use a reduced 7-bit range."""
-    flags = _cpuinfo_field("flags").split()
+    flags = _cpuinfo().get("flags", "").split()
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
@@ -41,7 +42,7 @@ def machine() -> dict[str, Any]:
 
     import onnxruntime
 
-    flags = _cpuinfo_field("flags").split()
-    return {"cpu": _cpuinfo_field("model name") or platform.processor() or platform.machine(),
+    flags = _cpuinfo().get("flags", "").split()
+    return {"cpu": _cpuinfo().get("model name") or platform.processor() or platform.machine(),
             "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
             "avx2": "avx2" in flags, "avx512_vnni": cpu_has_vnni()}
