@@ -8,6 +8,12 @@ acknowledge the sensor message it answers) passes `on_durable`, called after the
 True, or with False if the row could not be stored (disk full): then the sensor message is not
 acknowledged and the broker delivers it again later. Bounds: `max_bytes` (drop the oldest rows,
 or refuse new ones) and `ttl_s`; every row dropped is counted by reason, never silent.
+
+A caller with nothing else to do may commit on its own thread instead (`put(defer=True)`, then
+`commit_deferred()`): the agent's intake worker does so when its queue runs dry, which saves
+handing each result to the writer thread and waiting for that thread's commit in progress.
+Acknowledged rows are deleted by the next commit, whoever makes it, or by the writer within
+ACK_IDLE_S: a PUBACK never costs a transaction (and an fsync) of its own.
 """
 
 from __future__ import annotations
@@ -32,8 +38,12 @@ log = logging.getLogger("edgefleet.outbox")
 # results: 94.4 -> 89.8 MB).
 CACHE_SIZE = -256
 ROW_OVERHEAD = 64  # bytes counted per row besides topic and payload (ids, times, index)
+# How long an acknowledged row may wait for a commit to delete it when no new rows come. A crash
+# in that window only publishes the row once more, which QoS 1 allows.
+ACK_IDLE_S = 0.1
 Durable = Callable[[bool], None]
 _Put = tuple[str, bytes, int, bool, float, Durable | None]  # topic, payload, qos, retain, created, cb
+_Item = tuple[str, Any]  # ("put", _Put), ("ack", row id), ("wake", None) or ("stop", None)
 
 
 @dataclass(slots=True)
@@ -91,12 +101,16 @@ class Outbox:
         self._fresh: deque[Row] = deque(maxlen=1024)
         self._sizes: dict[int, int] = {}  # row id -> counted size, for rows committed here
         self.write_errors = 0
-        # Only the writer thread uses _db; readers (the publisher, telemetry) have their own
-        # connection, which WAL lets read while the writer commits.
+        # Only a committer holding _write_lock uses _db; readers (the publisher, telemetry) have
+        # their own connection, which WAL lets read while a commit is written.
         self._reader = _connect(path)
         self._read_lock = threading.Lock()
         self._lock = threading.Lock()  # _queued_seq
-        self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()  # wakes the writer
+        self._deferred: deque[_Item] = deque()  # puts their caller commits (commit_deferred)
+        self._acks: deque[_Item] = deque()  # deleted by the next commit: no wake-up of their own
+        # One transaction at a time, on the writer's thread or a caller's (commit_deferred).
+        self._write_lock = threading.Lock()
         self._changed = threading.Condition()
         self._committed_seq = 0
         self._queued_seq = 0
@@ -108,15 +122,41 @@ class Outbox:
     # -- the callers' side -------------------------------------------------------------------
 
     def put(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
-            on_durable: Durable | None = None) -> None:
-        """Queue a message for the disk; never blocks. on_durable(stored) follows the commit."""
+            on_durable: Durable | None = None, defer: bool = False) -> None:
+        """Queue a message for the disk; never blocks. on_durable(stored) follows the commit.
+
+        defer=True: the caller commits it soon itself (`commit_deferred`), so the writer thread
+        is not woken for it. Should the caller not, the writer takes it within ACK_IDLE_S.
+        """
         with self._lock:
             self._queued_seq += 1
-        self._queue.put(("put", (topic, payload, qos, retain, time.time(), on_durable)))
+        item = ("put", (topic, payload, qos, retain, time.time(), on_durable))
+        if defer:
+            self._deferred.append(item)
+        else:
+            self._queue.put(item)
+
+    def commit_deferred(self, inline: bool = True) -> None:
+        """Commit the deferred puts: here, on the caller's thread, when the writer is idle (the
+        caller's results are durable one thread switch sooner); else (or with inline=False) by
+        waking the writer, and the caller goes on with its work while the disk syncs. A caller
+        never waits for the writer's commit in progress: that stalled the agent's intake under
+        a flood."""
+        if not self._deferred:
+            return
+        if inline and self._write_lock.acquire(blocking=False):
+            try:
+                batch = self._gather([], queued=False)
+                if batch:
+                    self._commit(batch)
+            finally:
+                self._write_lock.release()
+            return
+        self._queue.put(("wake", None))
 
     def ack(self, row_id: int) -> None:
-        """The broker acknowledged this row: it may go."""
-        self._queue.put(("ack", row_id))
+        """The broker acknowledged this row: it may go (with the next commit)."""
+        self._acks.append(("ack", row_id))
 
     def take(self, after_id: int, limit: int) -> list[Row]:
         """The next rows after `after_id`: from memory when the caller keeps up with the writer
@@ -138,6 +178,7 @@ class Outbox:
         """Wait until everything put so far is committed (or refused)."""
         with self._lock:
             target = self._queued_seq
+        self._queue.put(("wake", None))  # deferred puts included
         with self._changed:
             return self._changed.wait_for(lambda: self._committed_seq >= target, timeout)
 
@@ -172,30 +213,48 @@ class Outbox:
     def _write_loop(self) -> None:  # the writer thread
         next_expiry = 0.0
         while True:
-            first = self._queue.get()
-            batch = [first]
-            while len(batch) < 4096:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            stop = any(kind == "stop" for kind, _ in batch)
             try:
-                self._commit(batch)
-                now = time.monotonic()
-                if now >= next_expiry:
-                    self._expire()
-                    next_expiry = now + 1.0
-            except Exception:  # the outbox must outlive any one bad batch
-                log.exception("outbox writer failed on a batch")
+                first = [self._queue.get(timeout=ACK_IDLE_S)]
+            except queue.Empty:  # idle: acknowledged rows, or deferred puts left behind
+                first = []
+            with self._write_lock:
+                batch = self._gather(first)
+                stop = any(kind == "stop" for kind, _ in batch)
+                try:
+                    if any(kind in ("put", "ack") for kind, _ in batch):
+                        self._commit(batch)
+                    elif batch:  # a flush with nothing to write: its waiter checks again
+                        with self._changed:
+                            self._changed.notify_all()
+                    now = time.monotonic()
+                    if now >= next_expiry:
+                        self._expire()
+                        next_expiry = now + 1.0
+                except Exception:  # the outbox must outlive any one bad batch
+                    log.exception("outbox writer failed on a batch")
             if stop:
                 return
 
-    def _commit(self, batch: list[tuple[str, Any]]) -> None:
+    def _gather(self, batch: list[_Item], queued: bool = True) -> list[_Item]:
+        """What waits to be written: queued items (up to 4096; not for a caller, which commits
+        only what it deferred, not the writer's work), deferred puts, then acknowledgements."""
+        while queued and len(batch) < 4096:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        deferred, acks = self._deferred, self._acks
+        while deferred:
+            batch.append(deferred.popleft())
+        while acks:
+            batch.append(acks.popleft())
+        return batch
+
+    def _commit(self, batch: list[_Item]) -> None:
         puts: list[_Put] = [item for kind, item in batch if kind == "put"]
         acks: list[int] = [item for kind, item in batch if kind == "ack"]
         callbacks: list[tuple[Durable, bool]] = []
-        # the writer thread alone touches _db and the counters: no lock
+        # under _write_lock: one committer at a time touches _db and the counters
         self._next_id = self._last_id + 1
         self._pending_rows: list[Row] = []
         try:

@@ -119,3 +119,90 @@ def test_put_from_many_threads(tmp_path: Path) -> None:
     assert all(v == sorted(v) for v in per_thread.values())  # each producer's order is kept
     box.close()
 
+
+
+def test_deferred_puts_commit_on_the_callers_thread(tmp_path: Path) -> None:
+    """commit_deferred() writes the deferred rows here: their callbacks have run, on this thread,
+    when it returns (the agent's intake worker relies on it to skip the writer thread)."""
+    box = Outbox(tmp_path / "o.db")
+    seen: list[tuple[bool, int]] = []
+    for i in range(5):
+        box.put(f"t/d{i}", b"x", defer=True,
+                on_durable=lambda ok: seen.append((ok, threading.get_ident())))
+    box.commit_deferred()
+    assert seen == [(True, threading.get_ident())] * 5
+    assert [r.topic for r in box.peek(0, 10)] == [f"t/d{i}" for i in range(5)]
+    box.close()
+
+
+def test_deferred_puts_handed_to_the_writer(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db")
+    seen: list[int] = []
+    box.put("t/a", b"x", defer=True, on_durable=lambda ok: seen.append(threading.get_ident()))
+    box.commit_deferred(inline=False)
+    assert box.flush(5)
+    assert len(seen) == 1
+    assert seen[0] != threading.get_ident()
+    box.close()
+
+
+def test_deferred_puts_left_behind_are_still_committed(tmp_path: Path) -> None:
+    """A caller that defers and never commits loses nothing: the writer takes the rows."""
+    box = Outbox(tmp_path / "o.db")
+    done = threading.Event()
+    box.put("t/forgotten", b"x", defer=True, on_durable=lambda ok: done.set())
+    assert done.wait(5)
+    assert box.stats().depth == 1
+    box.close()
+    again = Outbox(tmp_path / "o.db")
+    assert [r.topic for r in again.peek(0, 10)] == ["t/forgotten"]
+    again.close()
+
+
+def test_acks_alone_are_deleted_without_a_new_put(tmp_path: Path) -> None:
+    """Acknowledgements ride with the next commit; with no new rows the writer deletes them
+    within ACK_IDLE_S, so a quiet outbox does not keep (and republish) acknowledged rows."""
+    box = Outbox(tmp_path / "o.db")
+    _fill(box, 10)
+    for row in box.peek(0, 100):
+        box.ack(row.id)
+    deadline = time.monotonic() + 5
+    while box.stats().depth and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert box.stats().depth == 0
+    box.close()
+    assert Outbox(tmp_path / "o.db").stats().depth == 0
+
+
+def test_mixed_deferred_and_queued_puts_from_threads(tmp_path: Path) -> None:
+    """A caller committing deferred rows while other threads put and the writer commits:
+    every row is stored once, each producer's order kept."""
+    box = Outbox(tmp_path / "o.db")
+    outcomes: list[bool] = []
+
+    def queued(k: int) -> None:
+        for i in range(300):
+            box.put(f"t/q{k}/{i}", b"p", on_durable=outcomes.append)
+
+    def deferring() -> None:
+        for i in range(300):
+            box.put(f"t/d/{i}", b"p", defer=True, on_durable=outcomes.append)
+            if i % 7 == 0:
+                box.commit_deferred(inline=i % 2 == 0)
+        box.commit_deferred()
+
+    threads = [threading.Thread(target=queued, args=(k,)) for k in range(3)]
+    threads.append(threading.Thread(target=deferring))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert box.flush(30)
+    assert outcomes == [True] * 1200
+    per_producer: dict[str, list[int]] = {}
+    for row in box.peek(0, 10_000):
+        _, k, i = row.topic.split("/")
+        per_producer.setdefault(k, []).append(int(i))
+    assert sorted(per_producer) == ["d", "q0", "q1", "q2"]
+    assert all(v == sorted(v) and len(v) == 300 for v in per_producer.values())
+    box.close()
