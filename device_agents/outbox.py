@@ -149,6 +149,8 @@ class Outbox:
                 batch = self._gather([], queued=False)
                 if batch:
                     self._commit(batch)
+            except Exception:  # as on the writer: the caller's own loop must go on
+                log.exception("outbox commit failed on the caller's thread")
             finally:
                 self._write_lock.release()
             return

@@ -206,3 +206,22 @@ def test_mixed_deferred_and_queued_puts_from_threads(tmp_path: Path) -> None:
     assert sorted(per_producer) == ["d", "q0", "q1", "q2"]
     assert all(v == sorted(v) and len(v) == 300 for v in per_producer.values())
     box.close()
+
+
+def test_a_failed_commit_on_the_callers_thread_does_not_raise(tmp_path: Path) -> None:
+    """The intake worker calls commit_deferred from its loop: an unexpected failure there is
+    logged, not raised, and the write lock is free again for the writer."""
+    box = Outbox(tmp_path / "o.db")
+    real = box._commit
+
+    def broken(batch: list[tuple[str, object]]) -> None:
+        raise RuntimeError("boom")
+
+    box._commit = broken  # type: ignore[method-assign]
+    box.put("t/a", b"x", defer=True)
+    box.commit_deferred()  # must not raise
+    box._commit = real  # type: ignore[method-assign]
+    done = threading.Event()
+    box.put("t/b", b"y", on_durable=lambda ok: done.set())
+    assert done.wait(5)
+    box.close()
