@@ -343,8 +343,7 @@ class Agent:
                 msg = self.intake.get()
             if msg is None:
                 if self._stopping.is_set() and self.intake.empty():
-                    self.outbox.commit_deferred(inline=False)
-                    return
+                    return  # stop() flushes the outbox: deferred results included
                 continue
             try:
                 used = self._serve(msg, self.topics.stream_of(msg.topic) or "")
