@@ -7,6 +7,7 @@ long-lived daemon, unlike a list of samples.
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 from collections import deque
@@ -17,7 +18,6 @@ import numpy as np
 _MIN_S = 1e-6
 _GROWTH = 1.04  # each bucket is 4% wider than the last
 _BUCKETS = 1 + math.ceil(math.log(3600 / _MIN_S) / math.log(_GROWTH))
-_LOG_GROWTH = math.log(_GROWTH)
 
 
 @dataclass(frozen=True)
@@ -34,10 +34,15 @@ class MetricsSnapshot:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in vars(self).items()}
 
 
+# Bucket i > 0 holds (_EDGES[i-1], _EDGES[i]]; bucket 0 everything up to _MIN_S, the last
+# everything beyond its lower edge. One binary search finds a bucket, in C for a single value
+# (bisect) and for a whole array (searchsorted) alike.
+_EDGES = _MIN_S * _GROWTH ** np.arange(_BUCKETS - 1)
+_EDGE_LIST = _EDGES.tolist()
+
+
 def _bucket(seconds: float) -> int:
-    if seconds <= _MIN_S:
-        return 0
-    return min(_BUCKETS - 1, 1 + int(math.log(seconds / _MIN_S) / _LOG_GROWTH))
+    return bisect.bisect_left(_EDGE_LIST, seconds)
 
 
 class LatencyHistogram:
@@ -65,11 +70,7 @@ class LatencyHistogram:
         if not values:
             return
         arr = np.asarray(values, dtype=np.float64)
-        idx = np.zeros(arr.shape, dtype=np.int64)
-        above = arr > _MIN_S
-        idx[above] = np.minimum(_BUCKETS - 1, 1 + (np.log(arr[above] / _MIN_S) / _LOG_GROWTH)
-                                .astype(np.int64))
-        counts = np.bincount(idx, minlength=_BUCKETS)
+        counts = np.bincount(np.searchsorted(_EDGES, arr), minlength=_BUCKETS)
         nonzero = np.flatnonzero(counts)
         with self._lock:
             for i in nonzero.tolist():
@@ -134,10 +135,10 @@ class Metrics:
 
     def _flush(self) -> None:
         # popleft, not a swap of lists: an append racing with the flush is never lost
-        recent, taken = self._recent, []
+        recent = self._recent
         with self._lock:
-            for _ in range(len(recent)):
-                taken.append(recent.popleft())
+            popleft = recent.popleft
+            taken = [popleft() for _ in range(len(recent))]
         if taken:
             self.latency.observe_many(taken)
 

@@ -108,6 +108,7 @@ class Model:
             _check_manifest_matches(manifest.inputs, self.inputs, "input")
             _check_manifest_matches(manifest.outputs, self.outputs, "output")
         self._checker = InputChecker(self.inputs)
+        self.exact_sample = self._checker.exact_sample  # read by the batcher on every request
         # Requests can be concatenated only when every input and output has a batch axis.
         self.batchable = all(s.batch_dynamic for s in (*self.inputs, *self.outputs))
         #: every accepted sample has the same shape (all dimensions but the batch are fixed), so

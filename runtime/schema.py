@@ -121,6 +121,14 @@ class InputChecker:
         }
         self._single = self.specs[0].name if len(self.specs) == 1 else None
         self._single_plan = self._plans[self.specs[0].name]
+        plan = self._single_plan
+        #: (name, dtype, sample shape) of a single-input model whose samples have a fixed shape:
+        #: an ndarray of exactly that dtype (the identical object) and shape needs no check but
+        #: the NaN/Inf one. The batcher tests this itself before calling `check`, saving ~2 µs a
+        #: request, which with 64 threads taking turns at the GIL is ~10% of the throughput.
+        self.exact_sample: tuple[str, np.dtype, tuple[int, ...]] | None = (
+            (self._single, plan.dtype, plan.sample_shape)
+            if self._single is not None and plan.sample_shape is not None else None)
 
     def check(self, inputs: Mapping[str, Any] | Any, *, finite: bool = True) -> CheckedInputs:
         """Return arrays keyed by input name, or raise InputError naming the first problem.

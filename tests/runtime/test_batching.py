@@ -197,6 +197,7 @@ class PoisonModel:
         self.metrics = Metrics()
         self.calls: list[int] = []
         self._checker = InputChecker([TensorSpec(name="x", dtype="float32", shape=["N", 2])])
+        self.exact_sample = self._checker.exact_sample
 
     @property
     def input_checker(self) -> InputChecker:
@@ -273,10 +274,11 @@ def test_close_finishes_queued_requests_then_refuses_new_ones(digits_model: Mode
 
 
 class BrokenModel(PoisonModel):
-    """A model object that breaks the batcher's own bookkeeping (no uniform_samples)."""
+    """A model object that breaks the batcher's own bookkeeping around a run (its input
+    checker, which the batch-wide NaN check asks for, is missing)."""
 
     def __getattribute__(self, name: str):  # type: ignore[no-untyped-def]
-        if name == "uniform_samples":
+        if name == "input_checker":
             raise AttributeError(name)
         return super().__getattribute__(name)
 
@@ -306,3 +308,79 @@ def test_done_callbacks_run_once_each(digits_model: Model, digits_split):
     late: list[bool] = []
     pendings[0].add_done_callback(lambda done: late.append(done.done()))
     assert late == [True]  # already done: called at once, here
+
+
+def test_exact_samples_and_all_other_forms_get_the_same_answers(digits_model: Model,
+                                                                  digits_split):
+    """A float32 sample of exactly the model's shape skips the per-request check (the batcher
+    tests dtype and shape itself); lists, other dtypes, byte orders and batches of one still go
+    through the checker, and in one batch all of them get the model's own answers."""
+    assert digits_model.exact_sample == ("image", np.dtype(np.float32), (1, 8, 8))
+    x = digits_split.x_test[0]
+    forms = [x, x.tolist(), x.astype(np.float64), x.astype(">f4"), x[np.newaxis],
+             np.asfortranarray(x)]
+    want = digits_model.run(x)["logits"]
+    batcher = MicroBatcher(digits_model, max_batch=32, max_delay_ms=60_000)
+    try:
+        futures = [batcher.submit(f) for f in forms]
+        batcher.flush()
+        results = [f.result(10) for f in futures]
+    finally:
+        batcher.close()
+    assert [r.batch_size for r in results] == [len(forms)] * len(forms)
+    for form, result in zip(forms, results, strict=True):
+        got = result.outputs["logits"]
+        assert got.shape == ((1, 10) if np.ndim(form) == 4 else (10,))
+        np.testing.assert_allclose(got.reshape(10), want, rtol=1e-5, atol=1e-6)
+
+
+def test_exact_samples_with_nan_or_the_wrong_shape_fail_alone(digits_model: Model, digits_split):
+    good = digits_split.x_test[:2]
+    nan = good[0].copy()
+    nan[0, 3, 3] = np.nan  # exact dtype and shape: the batch's own NaN check must catch it
+    wrong = np.zeros((1, 8, 7), np.float32)
+    batcher = MicroBatcher(digits_model, max_batch=32, max_delay_ms=60_000)
+    try:
+        futures = [batcher.submit(good[0]), batcher.submit(nan), batcher.submit(wrong),
+                   batcher.submit(good[1])]
+        batcher.flush()
+        with pytest.raises(InputError, match="NaN or infinite"):
+            futures[1].result(10)
+        with pytest.raises(InputError, match="axis 3 must be 8"):
+            futures[2].result(10)
+        ok = [futures[0].result(10), futures[3].result(10)]
+    finally:
+        batcher.close()
+    want = digits_model.run(good)["logits"]
+    np.testing.assert_allclose(np.stack([r.outputs["logits"] for r in ok]), want,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_requests_of_several_rows_share_batches_with_single_samples(digits_model: Model,
+                                                                      digits_split):
+    """Single samples are taken off the queue in bulk; once a request of several rows (or none)
+    is queued, rows are counted again, and batches never exceed max_batch rows."""
+    xs = digits_split.x_test
+    requests = [xs[0], xs[1:4], xs[4], xs[5:5], xs[5], xs[6:8], xs[8], xs[9]]
+    batcher = MicroBatcher(digits_model, max_batch=4, max_delay_ms=60_000)
+    try:
+        futures = [batcher.submit(r, wake=False) for r in requests]
+        assert batcher._multi_row == 3
+        while batcher.pending:
+            batcher.run_queued()
+        results = [f.result(10) for f in futures]
+        assert batcher._multi_row == 0
+        assert batcher._queued_rows == 0
+        singles = [batcher.submit(x, wake=False) for x in xs[10:16]]
+        batcher.run_queued()  # all single rows: up to max_batch of them at once
+        assert [f.done() for f in singles] == [True] * 4 + [False] * 2
+        batcher.run_queued()
+        assert [f.result(10).batch_size for f in singles] == [4] * 4 + [2] * 2
+    finally:
+        batcher.close()
+    want = digits_model.run(xs[:10])["logits"]
+    got = [r.outputs["logits"] for r in results]
+    np.testing.assert_allclose(np.concatenate([g.reshape(-1, 10) for g in got]), want,
+                               rtol=1e-5, atol=1e-6)
+    assert [g.shape for g in got] == [(10,), (3, 10), (10,), (0, 10), (10,), (2, 10), (10,),
+                                      (10,)]

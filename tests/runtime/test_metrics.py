@@ -69,3 +69,20 @@ def test_metrics_from_many_threads_lose_nothing():
     for t in threads:
         t.join()
     assert metrics.snapshot().count == 6 * 3100
+
+
+def test_bulk_and_single_observations_fill_the_same_buckets():
+    """observe_many (searchsorted over the edges) and observe (bisect) agree, edges included."""
+    from runtime.metrics import _EDGES
+
+    rng = np.random.default_rng(2)
+    values = [*rng.lognormal(np.log(0.002), 3.0, 5000), 0.0, 1e-9, *_EDGES[:50:7],
+              float(_EDGES[-1]) * 10]
+    one, bulk = LatencyHistogram(), LatencyHistogram()
+    for v in values:
+        one.observe(float(v))
+    bulk.observe_many([float(v) for v in values])
+    assert one._counts == bulk._counts
+    n, p50, p95, p99, mean, mx = one.stats()
+    assert (n, p50, p95, p99, mx) == tuple(bulk.stats()[i] for i in (0, 1, 2, 3, 5))
+    assert mean == pytest.approx(bulk.stats()[4], rel=1e-12)  # sums in another order
