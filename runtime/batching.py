@@ -83,7 +83,7 @@ class Pending:
     def result(self, timeout: float | None = None) -> BatchResult:
         """Wait for the outcome; raise the request's own error if it failed."""
         if self._result is None and self._error is None:
-            if not self._latch.acquire(timeout=-1 if timeout is None else timeout):
+            if not self._latch.acquire(True, -1 if timeout is None else timeout):
                 raise TimeoutError(f"no result within {timeout} s")
             self._latch.release()
         if self._error is not None:
