@@ -104,8 +104,8 @@ def throughput(pkg: Path, samples: np.ndarray, seconds: float, rounds: int,
 
     Then on and off again with the producer threads under Linux's SCHED_BATCH policy, for
     reference (the target is judged on the default policy above). With 64 threads taking turns
-    at the GIL, each woken thread preempts the one waking it, often while that one still holds
-    the GIL or its mutex, and both sleep again; a SCHED_BATCH thread does not preempt on
+    at the GIL, a woken thread often preempts the one waking it while that one still holds the
+    GIL or its mutex, and both sleep again; a SCHED_BATCH thread does not preempt on
     wake-up. It is what a threaded server calling the runtime gains from `chrt -b 0`.
     """
     from runtime import MicroBatcher, Model, SessionConfig
