@@ -146,18 +146,19 @@ def throughput(pkg: Path, samples: np.ndarray, seconds: float, rounds: int,
     for r in range(rounds):
         for name in modes if r % 2 == 0 else reversed(modes):
             results[name].append(drive(modes[name]))
-    if batch_policy is not None:
-        results.update(off_batch_policy=[], on_batch_policy=[])
-        for r in range(rounds):
-            for name in ("off", "on") if r % 2 == 0 else ("on", "off"):
-                results[f"{name}_batch_policy"].append(drive(modes[name], batch_policy))
+    policy: dict[str, list[float]] = {"off": [], "on": []}
+    for r in range(rounds if batch_policy is not None else 0):
+        for name in ("off", "on") if r % 2 == 0 else ("on", "off"):
+            policy[name].append(drive(modes[name], batch_policy))
     on.close()
     off.close()
     out: dict[str, Any] = {k: float(np.median(v)) for k, v in results.items()}
     out["speedups"] = [a / b for a, b in zip(results["on"], results["off"], strict=True)]
-    if batch_policy is not None:
-        out["speedups_batch_policy"] = [a / b for a, b in zip(
-            results["on_batch_policy"], results["off_batch_policy"], strict=True)]
+    if policy["on"]:
+        out.update(on_batch_policy=float(np.median(policy["on"])),
+                   off_batch_policy=float(np.median(policy["off"])),
+                   speedups_batch_policy=[a / b for a, b in zip(policy["on"], policy["off"],
+                                                                 strict=True)])
     return out
 
 

@@ -193,7 +193,8 @@ class MicroBatcher:
                 and type(inputs) is np.ndarray and inputs.dtype is exact[1] \
                 and inputs.shape == exact[2]:
             # the hottest case: one sample of exactly the model's dtype and shape (the NaN/Inf
-            # check runs once on the whole batch); the checker's own test, without its call
+            # check runs once on the whole batch); InputChecker.check's own first test, made
+            # here without the call
             pending = Pending(model, {exact[0]: inputs[np.newaxis]}, 1, True)
         else:
             try:

@@ -136,16 +136,17 @@ class InputChecker:
         A bare array (not a mapping) is accepted for a single-input model. finite=False leaves
         the NaN/Inf check to the caller (the batcher does it once per batch).
         """
+        exact = self.exact_sample
+        if exact is not None and type(inputs) is np.ndarray and inputs.dtype is exact[1] \
+                and inputs.shape == exact[2]:
+            # the hottest case of all, the same test as the batcher's: one exact sample
+            name = exact[0]
+            if finite and self._single_plan.is_float and not _all_finite(inputs):
+                raise self._non_finite_error(name, inputs)
+            return _new_tuple(CheckedInputs, ({name: inputs[np.newaxis]}, 1, True))
         single = self._single
         if single is not None:  # the common case, without the bookkeeping below
             plan = self._single_plan
-            if type(inputs) is np.ndarray and inputs.dtype is plan.dtype \
-                    and inputs.ndim == plan.rank - 1 and plan.sample_shape is not None \
-                    and inputs.shape == plan.sample_shape:
-                # the hottest case of all: one sample of exactly the right dtype and shape
-                if finite and plan.is_float and not _all_finite(inputs):
-                    raise self._non_finite_error(single, inputs)
-                return _new_tuple(CheckedInputs, ({single: inputs[np.newaxis]}, 1, True))
             value = inputs if type(inputs) is np.ndarray else self._as_mapping(inputs)[single]
             arr, added = self._check_one(plan, value, finite)
             return CheckedInputs({single: arr}, arr.shape[0] if plan.batch_dynamic else 1, added)
