@@ -113,10 +113,14 @@ class RuntimeConfig(_Strict, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 
 
 class AgentLimits(_Strict, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    max_payload_bytes: Annotated[int, Meta(ge=1024, description="Larger sensor messages are "
-                                           "refused with bad_payload.")] = 1 << 20
+    max_payload_bytes: Annotated[int, Meta(ge=1024, description="Larger sensor messages and "
+                                           "requests are refused with an error; announced to "
+                                           "MQTT 5 brokers as the Maximum Packet Size.")] = 1 << 20
     max_queue: Annotated[int, Meta(ge=1, description="Messages waiting for inference; past this "
                                    "they are refused with overloaded.")] = 1024
+    max_queue_bytes: Annotated[int, Meta(ge=64 * 1024, description="Bytes of messages waiting for "
+                                         "inference; past this they are refused with "
+                                         "overloaded.")] = 32 << 20
     telemetry_interval_s: Annotated[float, Meta(gt=0, description="Seconds between telemetry "
                                                 "messages.")] = 30.0
 

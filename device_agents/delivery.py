@@ -117,6 +117,10 @@ class DeliveryManager:
     def stop(self) -> None:
         self._queue.put(None)
 
+    @property
+    def worker(self) -> threading.Thread:
+        return self._worker
+
     # -- the deploy request (request worker thread) ------------------------------------------
 
     def deploy(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -217,10 +221,17 @@ class DeliveryManager:
         return topic.startswith(protocol.BLOBS_PREFIX)
 
     def receive(self, msg: Message) -> None:
+        if msg.oversize or protocol.blob_of(msg.topic) is None:
+            log.warning("not a chunk of ours (%s, %d bytes): dropped", msg.topic[:120],
+                        msg.oversize or len(msg.payload))
+            self.handled(msg)
+            return
         try:
             self._queue.put_nowait(msg)
-        except queue.Full:  # cannot happen with the window; not acknowledged: redelivered
-            log.warning("delivery queue full; chunk %s will come again", msg.topic)
+        except queue.Full:  # past the window: a stranger's flood. Not acknowledged, so the
+            # connection goes and the broker redelivers, rather than every later ack waiting
+            log.warning("delivery queue full; chunk %s will come again", msg.topic[:120])
+            self.transport.drop("the delivery queue is full")
 
     def _loop(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -233,7 +244,7 @@ class DeliveryManager:
                 log.exception("delivery step failed")
 
     def _chunk(self, msg: Message) -> None:
-        sha = msg.topic[len(protocol.BLOBS_PREFIX):]
+        sha = protocol.blob_of(msg.topic) or ""
         if not msg.payload:  # a cleared retained chunk: nothing to store
             self.handled(msg)
             return
@@ -406,17 +417,13 @@ class _Complete:
 
 
 def _descriptor(args: dict[str, Any]) -> Deployment:
+    """The deployment a deploy request describes; its names are the contract's, so they are
+    safe in topics (model/{name}/state) and paths (models/{name}/{version})."""
     try:
-        chunks = [(str(sha), int(size)) for sha, size in args["chunks"]]
-        dep = Deployment(
-            id=str(args["deployment"]), name=str(args["name"]), version=str(args["version"]),
-            manifest_b64=str(args["manifest"]), signature_b64=args.get("signature"),
-            chunks=chunks, health_window_s=float(args.get("health_window_s", 30.0)),
-            max_error_rate=float(args.get("max_error_rate", 0.2)))
-    except (KeyError, TypeError, ValueError) as exc:
+        d = protocol.parse_deploy(args)
+    except protocol.ProtocolError as exc:
         raise RequestError(f"deploy needs deployment, name, version, manifest and chunks "
-                           f"[[sha256, size], ...]: {exc!r}") from exc
-    if not protocol.NAME_RE.match(dep.id) or not all(
-            len(sha) == 64 and all(c in "0123456789abcdef" for c in sha) for sha, _ in chunks):
-        raise RequestError("bad deployment id or chunk sha256")
-    return dep
+                           f"[[sha256, size], ...]: {exc}") from None
+    return Deployment(id=d.deployment, name=d.name, version=d.version, manifest_b64=d.manifest,
+                      signature_b64=d.signature, chunks=[(sha, size) for sha, size in d.chunks],
+                      health_window_s=d.health_window_s, max_error_rate=d.max_error_rate)

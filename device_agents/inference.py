@@ -58,12 +58,14 @@ class InferenceService:
         return [{"name": m.name, "version": m.version, "sha256": m.sha256} for m in self.models()]
 
     def metrics(self) -> Mapping[str, float | int | None]:
-        """count and errors over every model; p50/p99 of the busiest one."""
+        """count, errors (the models' failures) and rejected (bad input) over every model;
+        p50/p99 of the busiest one."""
         snaps = [m.metrics.snapshot() for m in self.models()]
         if not snaps:
-            return {"count": 0, "errors": 0, "p50_ms": None, "p99_ms": None}
+            return {"count": 0, "errors": 0, "rejected": 0, "p50_ms": None, "p99_ms": None}
         busiest = max(snaps, key=lambda s: s.count)
         return {"count": sum(s.count for s in snaps), "errors": sum(s.errors for s in snaps),
+                "rejected": sum(s.rejected for s in snaps),
                 "p50_ms": busiest.p50_ms, "p99_ms": busiest.p99_ms}
 
     def close(self) -> None:

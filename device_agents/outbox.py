@@ -43,7 +43,7 @@ ROW_OVERHEAD = 64  # bytes counted per row besides topic and payload (ids, times
 ACK_IDLE_S = 0.1
 Durable = Callable[[bool], None]
 _Put = tuple[str, bytes, int, bool, float, Durable | None]  # topic, payload, qos, retain, created, cb
-_Item = tuple[str, Any]  # ("put", _Put), ("ack", row id), ("wake", None) or ("stop", None)
+_Item = tuple[str, Any]  # ("put", _Put), ("ack" | "dead", row id), ("wake" | "stop", None)
 
 
 @dataclass(slots=True)
@@ -156,9 +156,19 @@ class Outbox:
             return
         self._queue.put(("wake", None))
 
+    @property
+    def writer(self) -> threading.Thread:
+        return self._writer
+
     def ack(self, row_id: int) -> None:
         """The broker acknowledged this row: it may go (with the next commit)."""
         self._acks.append(("ack", row_id))
+
+    def dead_letter(self, row_id: int) -> None:
+        """This row can never be published (its topic or size is refused for good): it goes,
+        counted as `dead_letter`, so it holds back nothing behind it."""
+        self._acks.append(("dead", row_id))
+        self._queue.put(("wake", None))
 
     def take(self, after_id: int, limit: int) -> list[Row]:
         """The next rows after `after_id`: from memory when the caller keeps up with the writer
@@ -223,7 +233,7 @@ class Outbox:
                 batch = self._gather(first)
                 stop = any(kind == "stop" for kind, _ in batch)
                 try:
-                    if any(kind in ("put", "ack") for kind, _ in batch):
+                    if any(kind in ("put", "ack", "dead") for kind, _ in batch):
                         self._commit(batch)
                     elif batch:  # a flush with nothing to write: its waiter checks again
                         with self._changed:
@@ -254,7 +264,8 @@ class Outbox:
 
     def _commit(self, batch: list[_Item]) -> None:
         puts: list[_Put] = [item for kind, item in batch if kind == "put"]
-        acks: list[int] = [item for kind, item in batch if kind == "ack"]
+        acks: list[int] = [item for kind, item in batch if kind in ("ack", "dead")]
+        dead = sum(kind == "dead" for kind, _ in batch)
         callbacks: list[tuple[Durable, bool]] = []
         # under _write_lock: one committer at a time touches _db and the counters
         self._next_id = self._last_id + 1
@@ -263,6 +274,8 @@ class Outbox:
             self._db.execute("BEGIN IMMEDIATE")
             if acks:
                 self._delete(acks)
+            if dead:
+                self._count("dead_letter", dead)
             stored = self._insert(puts, callbacks)
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:

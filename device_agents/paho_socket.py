@@ -18,8 +18,16 @@ every packet queued, although the publishing thread has just written it itself; 
 it only when something is left to write (a full socket, or a packet queued inside a callback),
 which saves one thread switch per packet sent.
 
-It overrides paho's `_create_socket` and `_packet_queue`; tests check both hooks are in use, so
-a paho release that moves them fails loudly instead of silently losing what they give.
+`Client` also enforces a maximum packet size on what it reads (`max_packet_bytes`). MQTT 5
+brokers are told the limit at CONNECT and never send more; a 3.1.1 broker cannot be told, so a
+larger PUBLISH is read as a head (topic and packet id, HEAD_BYTES) and its body is discarded as it
+arrives, never held in memory. The message is delivered with that head only and `oversize` set to
+its real size, so the agent answers it with an error and acknowledges it: dropping the
+connection instead would have the broker redeliver the same message after every reconnect.
+
+It overrides paho's `_create_socket`, `_packet_queue`, `_sock_recv` and `_handle_publish`
+(paho-mqtt < 2.3 is pinned for this); tests check each hook is in use, so a paho release that
+moves them fails loudly instead of silently losing what they give.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
 
 READ_SIZE = 64 * 1024  # bytes per recv: many small packets at once, a modest buffer
+HEAD_BYTES = 8192  # what is kept of an oversize PUBLISH: its topic and packet id
+_PUBLISH = 0x30
 
 
 class ReadAheadSocket:
@@ -91,10 +101,42 @@ class ReadAheadSocket:
 class Client(mqtt.Client):
     """paho's MQTT client reading through a ReadAheadSocket, writing under one lock."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_packet_bytes: int = 0, **kwargs: Any) -> None:
         # reentrant: a QoS 0 on_publish (called while writing) may publish again
         self._write_lock = threading.RLock()
+        self.max_packet_bytes = max_packet_bytes  # 0: no limit
+        self._discard = 0  # body bytes of an oversize packet still to be read and dropped
+        self._truncated = 0  # real size of the packet being read, when only its head is kept
+        self.oversize = 0  # real size of the PUBLISH being handled, when it was over the limit
         super().__init__(*args, **kwargs)
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        """paho's read, except that an oversize PUBLISH body is cut to its head and the rest
+        dropped as it arrives (see the module docstring)."""
+        packet = self._in_packet
+        if self._discard and packet["command"] == 0:  # the head was handled: drop the rest
+            while self._discard:
+                dropped = super()._sock_recv(min(self._discard, READ_SIZE))  # may raise "again"
+                if not dropped:
+                    return b""
+                self._discard -= len(dropped)
+        limit = self.max_packet_bytes
+        if (limit and packet["have_remaining"] and bufsize > limit
+                and bufsize == packet["to_process"] == packet["remaining_length"]
+                and packet["command"] & 0xF0 == _PUBLISH):
+            head = min(bufsize, HEAD_BYTES)
+            self._discard, self._truncated = bufsize - head, bufsize
+            packet["remaining_length"] = packet["to_process"] = bufsize = head
+        data: bytes = super()._sock_recv(bufsize)
+        return data
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        self.oversize, self._truncated = self._truncated, 0
+        try:
+            rc: MQTTErrorCode = super()._handle_publish()
+            return rc
+        finally:
+            self.oversize = 0
 
     def _create_socket(self) -> Any:
         return ReadAheadSocket(super()._create_socket())

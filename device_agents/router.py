@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
+from device_agents.protocol import ProtocolError
 
 log = logging.getLogger("edgefleet.requests")
 
@@ -28,22 +28,16 @@ class Router:
     def add(self, command: str, handler: Handler) -> None:
         self.handlers[command] = handler
 
-    def handle(self, command: str, payload: bytes) -> tuple[Any, str, Any, str | None]:
-        """-> (transaction, status, data, error) for the response."""
-        transaction = None
+    def handle(self, command: str, args: dict[str, Any]) -> tuple[str, Any, str | None]:
+        """-> (status, data, error) for the response to parsed arguments."""
         try:
-            args = msgspec.json.decode(payload) if payload else {}
-            if not isinstance(args, dict):
-                raise RequestError("a request is a JSON object")
-            transaction = args.get("transaction")
             handler = self.handlers.get(command)
             if handler is None:
-                raise RequestError(f"unknown command {command!r}; known: "
+                raise RequestError(f"unknown command {command[:64]!r}; known: "
                                    f"{', '.join(sorted(self.handlers))}")
-            return transaction, "ok", handler(args), None
-        except msgspec.DecodeError as exc:
-            return transaction, "error", None, f"request is not valid JSON: {exc}"
+            return "ok", handler(args), None
+        except (RequestError, ProtocolError) as exc:
+            return "error", None, str(exc)
         except Exception as exc:  # every handler error becomes an error response
-            if not isinstance(exc, RequestError):
-                log.warning("request %s failed: %r", command, exc)
-            return transaction, "error", None, str(exc) or type(exc).__name__
+            log.warning("request %s failed: %r", command[:64], exc)
+            return "error", None, str(exc) or type(exc).__name__

@@ -25,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from device_agents import paho_socket
+from device_agents import paho_socket, protocol
 from device_agents.config import BrokerConfig
 from device_agents.errors import DeviceAgentError
 
@@ -34,10 +34,20 @@ log = logging.getLogger("edgefleet.transport")
 # A broker that accepted TCP (and TLS) but has not answered CONNECT by then never will: a
 # 3.1.1-only broker that misread an MQTT 5 CONNECT, or a wedged one. Generous for NB-IoT.
 CONNACK_TIMEOUT_S = 5.0
+# The backoff starts over only after a connection lasted this long: a broker that drops the
+# client right after CONNACK (an ACL, a second box with the same client id taking over the
+# session) must not be answered with a reconnect every half second.
+STABLE_S = 10.0
+HEADROOM = 4096  # bytes of a packet besides its payload (topic, properties), at most
 
 
 class TransportError(DeviceAgentError):
     """The broker settings cannot be used (TLS files, credentials)."""
+
+
+class PublishRefusedError(DeviceAgentError):
+    """A message no broker will ever take (a topic with wildcards or control characters, a
+    payload over the limits): retrying it would hold back everything behind it."""
 
 
 @dataclass(slots=True)
@@ -51,7 +61,8 @@ class Message:
     generation: int  # which connection it came on: an ack is only valid on that one
     response_topic: str | None = None
     correlation_data: bytes | None = None
-    token: int | None = None  # its place in the acknowledgement order (see agent.AckSequencer)
+    token: int | None = None  # its place in the acknowledgement order (see acks.AckSequencer)
+    oversize: int = 0  # its real size when over max_packet_bytes: payload holds only its head
 
 
 class Backoff:
@@ -96,6 +107,8 @@ class Transport:
         on_published: Callable[[int], None] | None = None,
         on_subscribed: Callable[[], None] | None = None,
         backoff: Backoff | None = None,
+        max_packet_bytes: int = 0,
+        max_queued: int = 0,
     ) -> None:
         self.broker = broker
         self.client_id = client_id
@@ -122,6 +135,10 @@ class Transport:
         self.last_error: str | None = None
         self.manual_ack = manual_ack
         self.max_inflight = max_inflight
+        self.max_packet_bytes = max_packet_bytes  # 0: no limit; else announced and enforced
+        self.max_queued = max_queued  # paho's own queue of outgoing messages; 0: unbounded
+        self.callback_errors = 0
+        self._connected_at = 0.0
         self._will = will
         self.protocol = mqtt.MQTTv5
         self._client = self._build_client(mqtt.MQTTv5)
@@ -134,13 +151,16 @@ class Transport:
         client_id = f"{self.client_id}-probe" if probe else self.client_id
         if protocol == mqtt.MQTTv5:
             client = paho_socket.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                        protocol=mqtt.MQTTv5)
+                                        protocol=mqtt.MQTTv5,
+                                        max_packet_bytes=self.max_packet_bytes)
         else:  # 3.1.1 has no session expiry: a persistent session is kept until cleaned
             client = paho_socket.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                         protocol=protocol,
-                                        clean_session=broker.session_expiry_s == 0)
+                                        clean_session=broker.session_expiry_s == 0,
+                                        max_packet_bytes=self.max_packet_bytes)
         client.manual_ack_set(self.manual_ack)
         client.max_inflight_messages_set(self.max_inflight)
+        client.max_queued_messages_set(self.max_queued)
         if broker.username is not None:
             client.username_pw_set(broker.username, broker.password())
         if broker.tls:
@@ -192,6 +212,11 @@ class Transport:
         return answer == ["Unsupported protocol version"]
 
     @property
+    def thread(self) -> threading.Thread | None:
+        """The network thread, once started."""
+        return self._thread
+
+    @property
     def connected(self) -> bool:
         return self._connected.is_set()
 
@@ -210,14 +235,24 @@ class Transport:
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
                 properties: dict[str, Any] | None = None) -> int | None:
-        """Queue a message; returns its mid (for QoS 1, matched by on_published) or None when
-        paho refused it (not connected and its own queue is off)."""
+        """Queue a message; returns its mid (for QoS 1, matched by on_published), or None when
+        it cannot go now (paho's queue is full). Raises PublishRefusedError for a message that
+        can never go: paho raises ValueError for some, and Mosquitto disconnects a client that
+        publishes others (control characters in the topic), which a reconnecting agent would
+        publish again."""
+        try:
+            protocol.check_publish_topic(topic)
+        except protocol.ProtocolError as exc:
+            raise PublishRefusedError(str(exc)) from None
         props = None
         if properties and self.protocol == mqtt.MQTTv5:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             for key, value in properties.items():
                 setattr(props, key, value)
-        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        try:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        except ValueError as exc:  # paho's checks: topic, payload size, properties
+            raise PublishRefusedError(f"paho refused a message to {topic[:80]!r}: {exc}") from None
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             return None
         return info.mid
@@ -270,9 +305,20 @@ class Transport:
 
     def _all_subscribed(self) -> None:
         """The last SUBACK awaited is in (decided under the lock that matched it, so only one
-        caller sees it): tell on_subscribed."""
+        caller sees it), or a resumed session needed none: tell on_subscribed."""
         if self._on_subscribed is not None:
-            self._on_subscribed()
+            self._guarded("on_subscribed", self._on_subscribed)
+
+    def _guarded(self, name: str, callback: Callable[..., None], *args: Any) -> None:
+        """Run one of the owner's callbacks on the network thread: whatever it raises is logged
+        with its traceback and counted, and the network thread goes on (paho would otherwise
+        raise it out of its loop)."""
+        try:
+            callback(*args)
+        except Exception:
+            self.callback_errors += 1
+            log.exception("%s callback failed on the MQTT network thread of %s", name,
+                          self.client_id)
 
     def wait_subscribed(self, timeout: float | None = None) -> bool:
         """Wait until `subscribed`."""
@@ -297,6 +343,14 @@ class Transport:
                 return
         self._client.unsubscribe(gone)
 
+    def drop(self, reason: str) -> None:
+        """Close the connection now (it reconnects after the backoff): for an answer that could
+        not be made durable, so the broker redelivers its message instead of the acknowledgement
+        order waiting for it forever."""
+        log.warning("dropping the connection to %s: %s", self.broker.url, reason)
+        with contextlib.suppress(Exception):
+            self._client.disconnect()
+
     def stop(self, timeout: float = 5.0) -> None:
         """Disconnect cleanly (no Last Will) and stop the network thread."""
         self._stop.set()
@@ -308,46 +362,72 @@ class Transport:
     # -- the network thread ------------------------------------------------------------------
 
     def _run(self) -> None:
+        """The network thread. Nothing escapes it: paho raises out of `loop` on a broken
+        packet (struct.error) and on whatever a callback raised; each becomes a logged
+        reconnect, never a thread that ended while the process looks fine."""
         while not self._stop.is_set():
             try:
-                self._connect_once()
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                self._note_error(f"cannot connect to {self.broker.url}: {exc}")
-                self._stop.wait(self.backoff.next())
-                continue
-            client = self._client
-            connecting_since, probed = time.monotonic(), False
-            while not self._stop.is_set():
-                rc = client.loop(timeout=0.2)
-                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    break
-                waited = time.monotonic() - connecting_since
-                if (not self._connack_seen and not probed and waited > 1.0
-                        and self.protocol == mqtt.MQTTv5):
-                    probed = True  # a slow CONNACK: ask whether the broker speaks MQTT 5 at all
-                    if self._refuses_mqtt5():
-                        self._fall_back_to_311()
-                        with contextlib.suppress(Exception):
-                            client.disconnect()
-                        break
-                if not self._connack_seen and waited > CONNACK_TIMEOUT_S:
-                    self._note_error(f"{self.broker.url} accepted the connection but sent no CONNACK "
-                                     f"within {CONNACK_TIMEOUT_S:g} s")
-                    with contextlib.suppress(Exception):
-                        client.disconnect()
-                    break
-            if self._connected.is_set():  # paho did not call on_disconnect (e.g. socket error)
-                self._handle_disconnect(client, None, None, "connection lost", None)
-            elif (not self._connack_seen and not probed and not self._downgrade
-                  and self.protocol == mqtt.MQTTv5 and not self._stop.is_set()
-                  and self._refuses_mqtt5()):
-                self._fall_back_to_311()
-            if not self._stop.is_set():
+                self._run_once()
+            except Exception:
+                log.exception("MQTT network thread for %s failed; reconnecting", self.broker.url)
+                self._client_died()
                 self._stop.wait(self.backoff.next())
         # flush the DISCONNECT written by stop()
         for _ in range(5):
-            if self._client.loop(timeout=0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            try:
+                if self._client.loop(timeout=0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    break
+            except Exception:
                 break
+
+    def _client_died(self) -> None:
+        if self._connected.is_set():
+            self._handle_disconnect(self._client, None, None, "network thread failed", None)
+        with contextlib.suppress(Exception):
+            sock = self._client.socket()
+            if sock is not None:
+                sock.close()
+
+    def _run_once(self) -> None:
+        """One connection: connect, loop until it ends, then wait the backoff."""
+        try:
+            self._connect_once()
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            self._note_error(f"cannot connect to {self.broker.url}: {exc}")
+            self._stop.wait(self.backoff.next())
+            return
+        client = self._client
+        connecting_since, probed = time.monotonic(), False
+        while not self._stop.is_set():
+            rc = client.loop(timeout=0.2)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                break
+            waited = time.monotonic() - connecting_since
+            if (not self._connack_seen and not probed and waited > 1.0
+                    and self.protocol == mqtt.MQTTv5):
+                probed = True  # a slow CONNACK: ask whether the broker speaks MQTT 5 at all
+                if self._refuses_mqtt5():
+                    self._fall_back_to_311()
+                    with contextlib.suppress(Exception):
+                        client.disconnect()
+                    break
+            if not self._connack_seen and waited > CONNACK_TIMEOUT_S:
+                self._note_error(f"{self.broker.url} accepted the connection but sent no CONNACK "
+                                 f"within {CONNACK_TIMEOUT_S:g} s")
+                with contextlib.suppress(Exception):
+                    client.disconnect()
+                break
+        if self._connected.is_set():  # paho did not call on_disconnect (e.g. socket error)
+            self._handle_disconnect(client, None, None, "connection lost", None)
+        elif (not self._connack_seen and not probed and not self._downgrade
+              and self.protocol == mqtt.MQTTv5 and not self._stop.is_set()
+              and self._refuses_mqtt5()):
+            self._fall_back_to_311()
+        if self._connected_at and time.monotonic() - self._connected_at >= STABLE_S:
+            self.backoff.reset()  # it served a while: come back quickly
+        self._connected_at = 0.0
+        if not self._stop.is_set():
+            self._stop.wait(self.backoff.next())
 
     def _connect_once(self) -> None:
         self._connack_seen = False
@@ -367,11 +447,15 @@ class Transport:
         if self._first:
             if self.protocol == mqtt.MQTTv5:
                 props = None  # no expiry is MQTT 5's default: a bare CONNECT
-                if self.broker.session_expiry_s:
+                if self.broker.session_expiry_s or self.max_packet_bytes:
                     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-                    props.SessionExpiryInterval = self.broker.session_expiry_s
+                    if self.broker.session_expiry_s:
+                        props.SessionExpiryInterval = self.broker.session_expiry_s
+                    if self.max_packet_bytes:  # the broker never sends a larger packet
+                        props.MaximumPacketSize = self.max_packet_bytes
                 self._client.connect(self.broker.host, self.broker.port, self.broker.keepalive_s,
-                                     clean_start=props is None, properties=props)
+                                     clean_start=not self.broker.session_expiry_s,
+                                     properties=props)
             else:
                 self._client.connect(self.broker.host, self.broker.port, self.broker.keepalive_s)
             self._first = False
@@ -397,7 +481,7 @@ class Transport:
             return
         self.generation += 1
         self.connects += 1
-        self.backoff.reset()
+        self._connected_at = time.monotonic()  # the backoff resets once this lasted STABLE_S
         self.last_error = None
         # A new session: subscribe to everything. A resumed one still has its subscriptions and
         # the broker redelivers what was not acknowledged; subscribing again would also resend
@@ -422,7 +506,9 @@ class Transport:
             client.unsubscribe(unsubscribe)
         log.info("connected to %s (session present: %s)", self.broker.url, flags.session_present)
         if self._on_connect is not None:
-            self._on_connect(bool(flags.session_present))
+            self._guarded("on_connect", self._on_connect, bool(flags.session_present))
+        if not subscribe:  # a resumed session holds every subscription: no SUBACK will come
+            self._all_subscribed()
 
     def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                            properties: Any) -> None:
@@ -432,15 +518,22 @@ class Transport:
         (log.info if self._stop.is_set() else log.warning)(
             "disconnected from %s: %s", self.broker.url, reason)
         if self._on_disconnect is not None:
-            self._on_disconnect(str(reason))
+            self._guarded("on_disconnect", self._on_disconnect, str(reason))
 
     def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if self._on_message is None:
             return
         props = getattr(msg, "properties", None)
-        self._on_message(Message(
-            msg.topic, bytes(msg.payload), msg.qos, msg.mid, self.generation,
-            getattr(props, "ResponseTopic", None), getattr(props, "CorrelationData", None)))
+        # paho raises on reading `topic` when its bytes are not UTF-8 (only a broker can send
+        # such a topic): decoded leniently, it matches no topic of ours and is acknowledged
+        topic = bytes(msg._topic).decode("utf-8", "replace")
+        response_topic = getattr(props, "ResponseTopic", None)
+        correlation = getattr(props, "CorrelationData", None)
+        self._guarded("on_message", self._on_message, Message(
+            topic, bytes(msg.payload), msg.qos, msg.mid, self.generation,
+            response_topic if isinstance(response_topic, str) else None,
+            bytes(correlation) if isinstance(correlation, bytes | bytearray) else None,
+            oversize=getattr(client, "oversize", 0)))
 
     def _handle_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any,
                           properties: Any) -> None:
@@ -455,7 +548,7 @@ class Transport:
     def _handle_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
                         properties: Any) -> None:
         if self._on_published is not None:
-            self._on_published(mid)
+            self._guarded("on_published", self._on_published, mid)
 
 
 def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:

@@ -202,7 +202,7 @@ class MicroBatcher:
                 arrays, rows, squeeze = model.check(inputs, finite=False)
             except EdgefleetError as exc:
                 if model is not None:
-                    model.metrics.record_error()
+                    model.metrics.record_rejected()
                 return Pending.failed(exc)
             pending = Pending(model, arrays, rows, squeeze)
         with self._lock:
@@ -432,7 +432,7 @@ class MicroBatcher:
             if error is None:
                 keep.append(req)
             else:
-                model.metrics.record_error()
+                model.metrics.record_rejected()
                 req._finish(None, error)
         return keep
 

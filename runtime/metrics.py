@@ -23,12 +23,13 @@ _BUCKETS = 1 + math.ceil(math.log(3600 / _MIN_S) / math.log(_GROWTH))
 @dataclass(frozen=True)
 class MetricsSnapshot:
     count: int
-    errors: int
+    errors: int  # the model's failures (onnxruntime errors, NaN/Inf outputs): health counts these
     p50_ms: float | None
     p95_ms: float | None
     p99_ms: float | None
     mean_ms: float | None
     max_ms: float | None
+    rejected: int = 0  # requests refused for the sender's bad input: not the model's fault
 
     def as_dict(self) -> dict[str, float | int | None]:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in vars(self).items()}
@@ -120,6 +121,7 @@ class Metrics:
     def __init__(self) -> None:
         self.latency = LatencyHistogram()
         self._errors = 0
+        self._rejected = 0
         self._lock = threading.Lock()
         self._recent: deque[float] = deque()
 
@@ -143,8 +145,15 @@ class Metrics:
             self.latency.observe_many(taken)
 
     def record_error(self) -> None:
+        """The model failed a request (it raised, or answered NaN/Inf)."""
         with self._lock:
             self._errors += 1
+
+    def record_rejected(self) -> None:
+        """A request was refused before the model ran (wrong shape, dtype, NaN input): kept
+        apart from errors, so a sender's bad input never rolls a healthy model back."""
+        with self._lock:
+            self._rejected += 1
 
     def snapshot(self) -> MetricsSnapshot:
         self._flush()
@@ -154,4 +163,5 @@ class Metrics:
             return None if v is None else v * 1000.0
 
         return MetricsSnapshot(count=n, errors=self._errors, p50_ms=ms(p50), p95_ms=ms(p95),
-                               p99_ms=ms(p99), mean_ms=ms(mean), max_ms=ms(mx if n else None))
+                               p99_ms=ms(p99), mean_ms=ms(mean), max_ms=ms(mx if n else None),
+                               rejected=self._rejected)

@@ -145,7 +145,7 @@ class Model:
         try:
             arrays, _, added = self._checker.check(inputs)
         except InputError:
-            self.metrics.record_error()
+            self.metrics.record_rejected()
             raise
         values = self._infer(arrays)
         if added:

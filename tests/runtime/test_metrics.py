@@ -30,14 +30,17 @@ def test_snapshot_in_milliseconds_and_errors():
     for ms in (1, 2, 3, 4, 100):
         metrics.record(ms / 1000)
     metrics.record_error()
+    metrics.record_rejected()
+    metrics.record_rejected()
     snap = metrics.snapshot()
     assert snap.count == 5
     assert snap.errors == 1
+    assert snap.rejected == 2
     assert snap.p50_ms == pytest.approx(3, rel=0.04)
     assert snap.max_ms == pytest.approx(100)
     assert snap.p99_ms == pytest.approx(100)
     assert set(snap.as_dict()) == {"count", "errors", "p50_ms", "p95_ms", "p99_ms", "mean_ms",
-                                   "max_ms"}
+                                   "max_ms", "rejected"}
 
 
 def test_concurrent_observations_are_all_counted():

@@ -1,0 +1,139 @@
+"""Requests to the agent (CONTRACT 5.4): the request worker and the agent's own handlers.
+
+Every request on `request/+` ends in exactly one response, then its acknowledgement: a bad
+command name, a payload that is not a request, a handler that fails, a full queue and a
+response topic no broker takes (an MQTT 5 ResponseTopic with wildcards falls back to the
+contract's own) each get an error response, never silence.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections.abc import Callable
+from typing import Any
+
+from device_agents import protocol
+from device_agents.intake import IDLE_BEAT_S, message_size
+from device_agents.protocol import ProtocolError, Topics
+from device_agents.queues import BudgetFull, ByteBudgetQueue
+from device_agents.router import RequestError, Router
+from device_agents.transport import Message, PublishRefusedError, Transport
+from runtime.errors import EdgefleetError
+
+log = logging.getLogger("edgefleet.requests")
+
+QUEUE_REQUESTS = 256
+QUEUE_BYTES = 16 << 20
+
+
+class RequestWorker:
+    def __init__(self, router: Router, topics: Topics, transport: Transport, max_bytes: int,
+                 handled: Callable[[Message], None], beat: Callable[[], None] = lambda: None
+                 ) -> None:
+        self.router, self.topics, self.transport = router, topics, transport
+        self.max_bytes, self.handled, self.beat = max_bytes, handled, beat
+        self.queue: ByteBudgetQueue[Message] = ByteBudgetQueue(QUEUE_REQUESTS, QUEUE_BYTES,
+                                                               message_size)
+        self._stopping = False
+        self.refused = 0  # responses no broker would take
+
+    def offer(self, msg: Message) -> None:
+        """paho's thread: queue the request, or answer it as busy at once."""
+        try:
+            self.queue.put_nowait(msg)
+        except BudgetFull as exc:
+            self._answer(msg, protocol.peek_transaction(msg.payload, self.max_bytes), "error",
+                         None, f"overloaded: the request queue is full ({exc}); try again")
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.queue.put_nowait(None)
+
+    def loop(self) -> None:
+        while not self._stopping:
+            self.beat()
+            try:
+                msg = self.queue.get(IDLE_BEAT_S)
+            except queue.Empty:
+                continue
+            if msg is None:
+                continue
+            try:
+                self.handle(msg)
+            except Exception as exc:  # still one answer, and the acknowledgement after it
+                log.exception("unexpected failure handling %s", msg.topic[:120])
+                self._answer(msg, None, "error", None, f"internal error: {exc!r}")
+
+    def handle(self, msg: Message) -> None:
+        command = self.topics.command_of(msg.topic) or ""
+        try:
+            if msg.oversize:
+                raise ProtocolError(protocol.BAD_REQUEST, f"request of {msg.oversize} bytes is "
+                                    f"over the {self.max_bytes}-byte limit")
+            transaction, args = protocol.parse_request(msg.payload, self.max_bytes)
+        except ProtocolError as exc:
+            self._answer(msg, protocol.peek_transaction(msg.payload, self.max_bytes), "error",
+                         None, str(exc))
+            return
+        status, data, error = self.router.handle(command, args)
+        self._answer(msg, transaction, status, data, error)
+
+    def _answer(self, msg: Message, transaction: Any, status: str, data: Any,
+                error: str | None) -> None:
+        """Publish the response (to the MQTT 5 response topic when it is one a broker takes),
+        then acknowledge the request, whatever happened."""
+        try:
+            payload = protocol.response(transaction, status, data, error)
+            for topic in self._response_topics(msg):
+                props = {"CorrelationData": msg.correlation_data} if msg.correlation_data else None
+                try:
+                    self.transport.publish(topic, payload, qos=1, properties=props)
+                    break
+                except PublishRefusedError as exc:
+                    self.refused += 1
+                    log.warning("response to %s refused: %s", msg.topic[:120], exc)
+        finally:
+            self.handled(msg)
+
+    def _response_topics(self, msg: Message) -> list[str]:
+        """Where the response may go, best first: the caller's MQTT 5 response topic, the
+        contract's response/{command}, and for a command name no topic may hold, the error topic."""
+        topics = []
+        if msg.response_topic:
+            topics.append(msg.response_topic)
+        try:
+            topics.append(self.topics.response(self.topics.command_of(msg.topic) or ""))
+        except ProtocolError:
+            topics.append(self.topics.error)
+        return topics
+
+
+def add_agent_requests(router: Router, agent: Any) -> None:
+    """The agent's own commands: ping, models, config, telemetry and rollback."""
+    router.add("ping", lambda args: {"pong": True, "epoch": agent.epoch, "ts": protocol.now()})
+    router.add("models", lambda args: models(agent))
+    router.add("config", lambda args: agent.config.redacted())
+    router.add("telemetry", lambda args: agent.telemetry())
+    router.add("rollback", lambda args: rollback(agent, protocol.parse_rollback(args)))
+
+
+def models(agent: Any) -> list[dict[str, Any]]:
+    serving = {m["name"]: m for m in agent.inference.models_summary()}
+    out = []
+    for installed in agent.store.active():
+        entry = agent.store.entry(installed.name)
+        out.append({"name": installed.name, "active": entry.get("active"),
+                    "previous": entry.get("previous"),
+                    "serving": serving.get(installed.name, {}).get("version")})
+    return out
+
+
+def rollback(agent: Any, name: str) -> dict[str, Any]:
+    try:
+        version = agent.store.rollback(name)
+        model = agent.inference.load(agent.store.verify(agent.store.path(name, version)))
+    except EdgefleetError as exc:
+        raise RequestError(str(exc)) from exc
+    agent.inference.activate(model, agent.streams.get(name))
+    return {"model": name, "active": version}
