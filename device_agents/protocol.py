@@ -215,7 +215,7 @@ def _decode(decoder: msgspec.json.Decoder[Any], payload: bytes, what: str,
         return decoder.decode(payload)
     except msgspec.ValidationError as exc:
         raise ProtocolError(code, f"{what}: {exc}") from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+    except (msgspec.DecodeError, UnicodeError) as exc:
         raise ProtocolError(code, f"{what} is not valid JSON: {exc}") from None
     except RecursionError:
         raise ProtocolError(code, f"{what} is nested too deeply") from None
@@ -226,6 +226,8 @@ def _convert(value: Any, kind: type[Any], what: str, code: str = BAD_PAYLOAD) ->
         return msgspec.convert(value, kind)
     except msgspec.ValidationError as exc:
         raise ProtocolError(code, f"{what}: {exc}") from None
+    except UnicodeError:  # a lone surrogate: never from the wire (msgspec refuses it there)
+        raise ProtocolError(code, f"{what}: a string that is not valid Unicode") from None
     except RecursionError:
         raise ProtocolError(code, f"{what} is nested too deeply") from None
 
@@ -276,7 +278,7 @@ def peek_id(payload: bytes, max_bytes: int) -> str | int | None:
         return None
     try:
         value = _id_decoder.decode(payload).id
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+    except (msgspec.DecodeError, UnicodeError, RecursionError):
         return None
     if isinstance(value, str) and len(value) <= MAX_ID:
         return value
@@ -412,7 +414,7 @@ def peek_transaction(payload: bytes, max_bytes: int) -> str | int | None:
         return None
     try:
         value = _head_decoder.decode(payload).transaction
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+    except (msgspec.DecodeError, UnicodeError, RecursionError):
         return None
     return value if isinstance(value, str | int) and not isinstance(value, bool) \
         and (not isinstance(value, str) or len(value) <= MAX_ID) \

@@ -159,8 +159,11 @@ def test_size_limit() -> None:
 
 
 def test_peek_id() -> None:
-    assert peek_id(b'{"id": "a", "data": [[1]]}') == "a"
-    assert peek_id(b"{broken") is None
+    assert peek_id(b'{"id": "a", "data": [[1]]}', 1024) == "a"
+    assert peek_id(b"{broken", 1024) is None
+    assert peek_id(b'{"id": "a", "data": [[1]]}', 10) is None  # over the limit: not even read
+    assert peek_id(b'{"id": "a", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", 1 << 20) is None
+    assert peek_id(b'{"id": {"nested": 1}}', 1024) is None
 
 
 def test_backoff_is_capped_exponential_with_jitter() -> None:
