@@ -84,21 +84,27 @@ class Agent:
 
         limits = config.agent
         # a packet the broker may send us: the largest payload we take (a delivery chunk at
-        # least), with room for its topic and properties
+        # least), with room for its topic and properties. It is enforced while reading (a larger
+        # PUBLISH is answered from its head, its body dropped unread into memory) and not
+        # announced as MQTT 5's Maximum Packet Size: Mosquitto 2.0.11 (Debian 12) drops an
+        # oversize QoS 1 message but keeps it in the client's inflight window, so with
+        # max_inflight_messages 1 nothing more ever reaches the agent (tests/device_agents/
+        # test_poison.py), and each such message costs a slot of the default 20.
         max_packet = max(limits.max_payload_bytes, CHUNK_MAX) + HEADROOM
         shared = config.sensors is None
         self.uplink = Transport(
             config.uplink, config.device_id,
             subscriptions=[self.topics.requests] + ([self.topics.inputs] if shared else []),
             will=(self.topics.status, protocol.offline(self.epoch)), manual_ack=True,
-            max_inflight=PUBLISH_WINDOW, max_packet_bytes=max_packet, max_queued=PAHO_QUEUE,
+            max_inflight=PUBLISH_WINDOW, max_packet_bytes=max_packet, announce_max_packet=False,
+            max_queued=PAHO_QUEUE,
             on_connect=self._uplink_connected,
             on_disconnect=lambda reason: self._on_disconnect(self.uplink),
             on_message=self._on_message, on_published=lambda mid: self.publisher.on_published(mid))
         self.sensors = self.uplink if shared else Transport(
             config.sensors, f"{config.device_id}-sensors",  # type: ignore[arg-type]
             subscriptions=[self.topics.inputs], manual_ack=True, max_packet_bytes=max_packet,
-            max_queued=PAHO_QUEUE, on_connect=lambda present: None,
+            announce_max_packet=False, max_queued=PAHO_QUEUE, on_connect=lambda present: None,
             on_disconnect=lambda reason: self._on_disconnect(self.sensors),
             on_message=self._on_message, on_subscribed=self._sensors_ready)
         self._birth_lock = threading.Lock()
@@ -297,6 +303,7 @@ class Agent:
                                             "queued_bytes": self.intake.queue.bytes},
             "errors": {k.removeprefix("error_"): v for k, v in self.counters.items()
                        if k.startswith("error_")},
+            "link": {"connected": self.uplink.connected, "connects": self.uplink.connects},
             "faults": {"dead_letters": self.publisher.dead_letters,
                        "unstored": self.counters["unstored"],
                        "dispatch_failed": self.counters["dispatch_failed"],

@@ -108,6 +108,7 @@ class Transport:
         on_subscribed: Callable[[], None] | None = None,
         backoff: Backoff | None = None,
         max_packet_bytes: int = 0,
+        announce_max_packet: bool = True,
         max_queued: int = 0,
     ) -> None:
         self.broker = broker
@@ -135,7 +136,8 @@ class Transport:
         self.last_error: str | None = None
         self.manual_ack = manual_ack
         self.max_inflight = max_inflight
-        self.max_packet_bytes = max_packet_bytes  # 0: no limit; else announced and enforced
+        self.max_packet_bytes = max_packet_bytes  # 0: no limit; else enforced while reading
+        self.announce_max_packet = announce_max_packet  # and told to MQTT 5 brokers at CONNECT
         self.max_queued = max_queued  # paho's own queue of outgoing messages; 0: unbounded
         self.callback_errors = 0
         self._connected_at = 0.0
@@ -447,11 +449,12 @@ class Transport:
         if self._first:
             if self.protocol == mqtt.MQTTv5:
                 props = None  # no expiry is MQTT 5's default: a bare CONNECT
-                if self.broker.session_expiry_s or self.max_packet_bytes:
+                announce = self.announce_max_packet and self.max_packet_bytes
+                if self.broker.session_expiry_s or announce:
                     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
                     if self.broker.session_expiry_s:
                         props.SessionExpiryInterval = self.broker.session_expiry_s
-                    if self.max_packet_bytes:  # the broker never sends a larger packet
+                    if announce:  # the broker never sends a larger packet
                         props.MaximumPacketSize = self.max_packet_bytes
                 self._client.connect(self.broker.host, self.broker.port, self.broker.keepalive_s,
                                      clean_start=not self.broker.session_expiry_s,
