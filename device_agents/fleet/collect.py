@@ -1,7 +1,10 @@
 """`edgefleet fleet collect`: every device's results into SQLite, several collectors sharing the load.
 
 Data flows one way: transport (paho's thread) -> queue -> writer thread (decode, INSERT OR IGNORE
-a batch, COMMIT) -> PUBACKs in arrival order. A result is acknowledged to the broker only once its
+a batch, COMMIT) -> PUBACKs in arrival order. The writer is supervised: one that fails is logged
+with its traceback and restarted (the batch it held is written again one message at a time, so a
+message that breaks it ends in `rejects`); one that keeps failing ends the collector, and `run`
+raises CollectorFailedError (exit 70), never a command that runs on with a dead writer. A result is acknowledged to the broker only once its
 row is committed, and the collector keeps a persistent MQTT session, so a crash, a restart or a
 dropped link loses nothing: what was not acknowledged comes again, and UNIQUE(device, epoch, seq)
 stores it once. Collectors in one MQTT 5 shared-subscription group (`$share/{group}/...`) split
@@ -27,7 +30,9 @@ import msgspec
 
 from device_agents import protocol
 from device_agents.config import BrokerConfig
+from device_agents.fleet.client import ALL_RESULTS, device_results
 from device_agents.fleet.results_db import CollectError, ResultStore, WriteOutcome
+from device_agents.supervise import EXIT_SOFTWARE, Supervisor
 from device_agents.transport import Message, Transport
 
 log = logging.getLogger("edgefleet.collect")
@@ -35,6 +40,16 @@ log = logging.getLogger("edgefleet.collect")
 DEFAULT_GROUP: Final = "edgefleet-collect"
 SESSION_EXPIRY_S: Final = 86400  # a collector down for less than this loses nothing
 MQTT5: Final = 5  # the protocol level of MQTT 5 in CONNECT (3.1.1 is 4)
+WRITER: Final = "collect-writer"
+WRITER_RESTARTS: Final = 3  # within WRITER_WINDOW_S; one more failure ends the collector
+WRITER_WINDOW_S: Final = 60.0
+
+
+class CollectorFailedError(CollectError):
+    """The writer kept failing (its tracebacks are in the log): nothing unacknowledged is lost,
+    the broker delivers it again at the next start."""
+
+    exit_code = EXIT_SOFTWARE
 
 
 @dataclass(frozen=True)
@@ -64,10 +79,14 @@ class CollectStats:
         return {**asdict(self), "seconds": round(self.seconds, 3), "rate_per_s": round(self.rate, 1)}
 
 
+def plain_filters(devices: Sequence[str] = ()) -> list[str]:
+    """Every device's results, or those of the devices given."""
+    return [device_results(d) for d in devices] or [ALL_RESULTS]
+
+
 def result_filters(group: str, devices: Sequence[str] = ()) -> list[str]:
     """The shared subscriptions: every device's results, or those of the devices given."""
-    targets = [protocol.Topics(d).output("+") for d in devices] or [protocol.Topics("+").output("+")]
-    return [f"$share/{group}/{t}" for t in targets]
+    return [f"$share/{group}/{t}" for t in plain_filters(devices)]
 
 
 def default_name(db: Path) -> str:
@@ -102,6 +121,7 @@ class Collector:
         self.name = name or default_name(self.db_path)
         self.client_id = f"edgefleet-collect-{self.name}"
         self.filters = result_filters(group, devices)
+        self._plain_filters = plain_filters(devices)  # where a broker has no shared subscriptions
         self.batch_rows = batch_rows
         self.synchronous = synchronous
         self.connect_timeout_s = connect_timeout_s
@@ -112,12 +132,14 @@ class Collector:
         self._counts = {"received": 0, "stored": 0, "duplicates": 0, "rejects": 0, "batches": 0,
                         "write_errors": 0}
         self._progress = threading.Condition()
-        self._stopping = threading.Event()
         self._connected = threading.Event()  # set once the transport has sent our SUBSCRIBE
         self._started = 0.0
         self._stopped: float | None = None
         self._store: ResultStore | None = None
-        self._writer: threading.Thread | None = None
+        self._supervisor: Supervisor | None = None
+        self._batch: list[Message] = []  # the writer's, kept across its restarts
+        self._last = False  # the writer took the end-of-input marker
+        self.failure: str | None = None  # why the writer gave up, if it did
         self.transport: Transport | None = None
 
     def __enter__(self) -> Collector:
@@ -137,15 +159,17 @@ class Collector:
         """Open the database (first: a bad path fails before any network), connect, subscribe."""
         self._store = ResultStore(self.db_path, synchronous=self.synchronous)
         self._started = time.monotonic()
-        self._writer = threading.Thread(target=self._write_loop, name="edgefleet-collect-writer",
-                                        daemon=True)
-        self._writer.start()
+        supervisor = self._supervisor = Supervisor("edgefleet collect", on_fatal=self._on_fatal)
+        supervisor.spawn(WRITER, self._write_loop, max_restarts=WRITER_RESTARTS,
+                         window_s=WRITER_WINDOW_S)
         self._accepting = True
         # manual ack: the PUBACK waits for the commit. Subscribing after the constructor (not
         # through it) also adds a new filter to a session resumed from an earlier run.
         try:
-            self.transport = Transport(self.broker, self.client_id, manual_ack=True,
-                                       on_message=self._on_message, on_connect=self._on_connect)
+            self.transport = Transport(
+                self.broker, self.client_id, manual_ack=True,
+                on_message=supervisor.guard("on_message", self._on_message),
+                on_connect=supervisor.guard("on_connect", self._on_connect))
         except Exception:  # TLS files, a password variable not set: close what was opened
             self.stop()
             raise
@@ -161,20 +185,24 @@ class Collector:
         return self
 
     def wait_for(self, stored: int, timeout: float | None = None) -> bool:
-        """Wait until at least `stored` new rows are committed."""
+        """Wait until at least `stored` new rows are committed (False at once if the writer
+        gave up: see `failure`)."""
         with self._progress:
-            return self._progress.wait_for(lambda: self._counts["stored"] >= stored, timeout)
+            self._progress.wait_for(
+                lambda: self._counts["stored"] >= stored or self.failure is not None, timeout)
+            return self._counts["stored"] >= stored
 
     def run(self, *, count: int | None = None, duration: float | None = None,
             stop: threading.Event | None = None,
             on_tick: Callable[[CollectStats], None] | None = None, tick_s: float = 0.5) -> bool:
         """Collect until `count` rows are stored, `duration` seconds pass or `stop` is set; then
-        flush and stop. True unless a `count` was given and not reached."""
+        flush and stop. True unless a `count` was given and not reached. Raises
+        CollectorFailedError when the writer kept failing."""
         stop = stop or threading.Event()
         deadline = None if duration is None else time.monotonic() + duration
         self.start()
         try:
-            while not stop.is_set():
+            while not stop.is_set() and self.failure is None:
                 wait = tick_s if deadline is None else max(0.0, min(tick_s,
                                                                     deadline - time.monotonic()))
                 if count is not None:
@@ -188,16 +216,20 @@ class Collector:
                     break
         finally:
             self.stop()
+        if self.failure is not None:
+            raise CollectorFailedError(f"the collector stopped: {self.failure}; nothing "
+                                       "unacknowledged is lost, the broker delivers it again at "
+                                       "the next start")
         return count is None or self._counts["stored"] >= count
 
     def stop(self, timeout: float = 30.0) -> CollectStats:
         """Commit and acknowledge what arrived, then disconnect. Messages that arrive meanwhile
         are not acknowledged: the session keeps them for this collector's next start."""
         self._accepting = False
-        self._stopping.set()
-        if self._writer is not None and self._writer.is_alive():
+        if self._supervisor is not None and not self._supervisor.stopping:
+            self._supervisor.stop()
             self._queue.put(None)
-            self._writer.join(timeout)
+            self._supervisor.join(WRITER, timeout)
         if self.transport is not None:
             self.transport.stop()  # the DISCONNECT queues behind the PUBACKs just sent
         if self._store is not None:
@@ -229,7 +261,7 @@ class Collector:
     def _without_sharing(self, transport: Transport) -> None:
         """A broker without MQTT 5 (the embedded one) has no shared subscriptions: it would take
         `$share/...` for a plain topic and send nothing. So this collector takes every result."""
-        plain = [f.split("/", 2)[2] for f in self.filters]
+        plain = self._plain_filters
         log.warning("%s does not speak MQTT 5: no shared subscriptions, so this collector takes "
                     "every result (run one collector per broker)", self.broker.url)
         transport.unsubscribe(self.filters)
@@ -243,36 +275,76 @@ class Collector:
         waiting for more rows would only stall the broker, which sends nothing past its in-flight
         window until it has our PUBACKs. Under load the queue fills during a commit, so batches
         grow by themselves (group commit)."""
-        assert self._store is not None
-        store, last = self._store, False
-        batch: list[Message] = []
-        while not last:
-            if not batch:
-                first = self._queue.get()
-                if first is None:
-                    return
-                batch.append(first)
-            while len(batch) < self.batch_rows:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    last = True
-                    break
-                batch.append(item)
+        assert self._supervisor is not None
+        if self._batch:  # what a failed run of this loop held
+            self._isolate()
+        while not self._last:
+            self._fill()
+            if not self._batch:
+                return
+            if self._commit(self._batch):
+                self._batch = []
+            elif self._last or self._supervisor.wait_stopping(1.0):
+                return  # unacknowledged: the broker delivers them again at the next start
+
+    def _fill(self) -> None:
+        """Add to the batch: wait for a first message, then take what is queued already."""
+        if not self._batch:
+            first = self._queue.get()
+            if first is None:
+                self._last = True
+                return
+            self._batch.append(first)
+        while len(self._batch) < self.batch_rows:
             try:
-                outcome = store.write([(m.topic, m.payload) for m in batch], time.time())
-            except sqlite3.Error as exc:
-                self._counts["write_errors"] += 1
-                log.warning("cannot commit %d results to %s (%s); retrying, unacknowledged",
-                            len(batch), self.db_path, exc)
-                if last or self._stopping.wait(1.0):
-                    return  # unacknowledged: the broker delivers them again at the next start
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self._last = True
+                break
+            self._batch.append(item)
+
+    def _commit(self, batch: list[Message]) -> bool:
+        """Store and acknowledge a batch; False (unacknowledged) when SQLite says no."""
+        assert self._store is not None
+        try:
+            outcome = self._store.write([(m.topic, m.payload) for m in batch], time.time())
+        except sqlite3.Error as exc:
+            self._counts["write_errors"] += 1
+            log.warning("cannot commit %d results to %s (%s); retrying, unacknowledged",
+                        len(batch), self.db_path, exc)
+            return False
+        self._acknowledge(batch)
+        self._count(outcome)
+        return True
+
+    def _isolate(self) -> None:
+        """Write the batch a failed run left, one message at a time: the one that fails again is
+        kept as a reject, so a single message cannot fail the writer over and over."""
+        assert self._store is not None
+        batch, self._batch = self._batch, []
+        for i, msg in enumerate(batch):
+            try:
+                done = self._commit([msg])
+            except Exception as exc:
+                log.exception("cannot store a message from %s; kept in rejects", msg.topic[:120])
+                self._store.reject(msg.topic, msg.payload, f"collector error: "
+                                   f"{type(exc).__name__}: {exc}", time.time())
+                self._acknowledge([msg])
+                self._count(WriteOutcome(0, 0, 1))
                 continue
-            self._acknowledge(batch)
-            self._count(outcome)
-            batch = []
+            if not done:  # the database, not the message: back to whole batches
+                self._batch = batch[i:]
+                return
+
+    def _on_fatal(self, reason: str) -> None:
+        """The writer kept failing: stop taking messages (those not acknowledged come again at
+        the next start) and wake whoever waits in `run` or `wait_for`."""
+        self._accepting = False
+        with self._progress:
+            self.failure = reason
+            self._progress.notify_all()
 
     def _acknowledge(self, batch: list[Message]) -> None:
         assert self.transport is not None

@@ -9,6 +9,7 @@ follow only when every canary is active and healthy. Retained chunks are cleared
 from __future__ import annotations
 
 import base64
+import logging
 import threading
 import time
 import uuid
@@ -17,10 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from device_agents import protocol
 from device_agents.chunks import Chunk, chunk_bytes
 from device_agents.fleet.client import FleetClient, FleetError
 from runtime.package import load_package
+
+log = logging.getLogger("edgefleet.deploy")
 
 TERMINAL = {"failed", "rolled_back"}
 
@@ -66,7 +71,8 @@ def plan(package_dir: Path, health_window_s: float, max_error_rate: float) -> Pl
     data = pkg.model_path.read_bytes()
     chunks = chunk_bytes(data)
     sig = package_dir / "manifest.sig"
-    deployment = f"{pkg.manifest.name}-{pkg.manifest.version}-{uuid.uuid4().hex[:8]}"
+    # a name of the contract (at most 64 characters) whatever the lengths of name and version
+    deployment = f"{pkg.manifest.name}-{pkg.manifest.version}"[:55] + f"-{uuid.uuid4().hex[:8]}"
     descriptor = {
         "deployment": deployment, "name": pkg.manifest.name, "version": pkg.manifest.version,
         "manifest": base64.b64encode(pkg.manifest_bytes).decode(),
@@ -88,22 +94,15 @@ def deploy(client: FleetClient, the_plan: Plan, devices: list[str], *, canary: i
     published: set[str] = set()
     deployment = the_plan.descriptor["deployment"]
 
-    def on_state(topic: str, doc: Any) -> None:
-        device = topic.split("/")[2]
-        out = outcomes.get(device)
-        if out is None or not isinstance(doc, dict) or doc.get("deployment") != deployment:
-            return
-        out.phase, out.progress = str(doc.get("phase")), float(doc.get("progress") or 0)
-        out.error = doc.get("error")
-        out.healthy = bool(doc.get("healthy"))
-        if out.phase in TERMINAL or (out.phase == "active" and (out.healthy or not wait_healthy)):
-            out.done.set()
-        if on_update is not None:
+    def on_state(where: protocol.DeviceTopic, payload: bytes) -> None:
+        out = outcomes.get(where.device)
+        if out is not None and apply_state(out, payload, deployment, wait_healthy) \
+                and on_update is not None:
             on_update(out)
 
     for device in devices:
-        topic = protocol.Topics(device).model_state(the_plan.name)
-        client.listen(topic, topic, on_state)
+        client.listen(protocol.Topics(device).model_state(the_plan.name), "model", on_state,
+                      device=device, name=the_plan.name)
     try:
         for i, wave in enumerate(waves):
             started = time.monotonic()
@@ -133,38 +132,95 @@ def deploy(client: FleetClient, the_plan: Plan, devices: list[str], *, canary: i
     return [outcomes[d] for d in devices]
 
 
+class _Health(msgspec.Struct):
+    """The `healthy` flag of a model state, which protocol.ModelState does not declare (yet): read
+    only from a payload protocol.parse_model_state accepted."""
+
+    healthy: bool = False
+
+
+_health_decoder = msgspec.json.Decoder(_Health)
+
+
+def apply_state(out: Outcome, payload: bytes, deployment: str, wait_healthy: bool) -> bool:
+    """Update `out` from one `model/{name}/state` message; True when it was about `deployment`.
+    A state that breaks the contract is logged and ignored (a stale retained one may linger
+    from anyone); never raises."""
+    try:
+        state = protocol.parse_model_state(payload)
+    except protocol.ProtocolError as exc:
+        log.warning("ignoring a model state of %s: %s", out.device, exc)
+        return False
+    if state.deployment != deployment:
+        return False
+    try:
+        healthy = _health_decoder.decode(payload).healthy
+    except (msgspec.DecodeError, RecursionError, UnicodeError):
+        healthy = False
+    out.phase, out.progress, out.error, out.healthy = (state.phase, state.progress or 0.0,
+                                                       state.error, healthy)
+    if out.phase in TERMINAL or (out.phase == "active" and (out.healthy or not wait_healthy)):
+        out.done.set()
+    return True
+
+
+def needs(data: Any, by_sha: dict[str, Chunk]) -> tuple[list[Chunk], int]:
+    """The chunks of ours a device asks for in its deploy response (`{"need": [sha256, ...],
+    "need_bytes": N}`), and N; what is not one of our chunks is no request."""
+    if not isinstance(data, dict):
+        return [], 0
+    need, need_bytes = data.get("need"), data.get("need_bytes")
+    shas = [sha for sha in need if isinstance(sha, str)] if isinstance(need, list) else []
+    chunks = [by_sha[sha] for sha in dict.fromkeys(shas) if sha in by_sha]
+    ok = isinstance(need_bytes, int) and not isinstance(need_bytes, bool) and need_bytes >= 0
+    return chunks, need_bytes if ok else sum(c.size for c in chunks)
+
+
 def _start(client: FleetClient, the_plan: Plan, out: Outcome,
-           response: dict[str, Any] | FleetError, by_sha: dict[str, Chunk], published: set[str],
-           on_update: Callable[[Outcome], None] | None) -> None:
+           response: protocol.Response | FleetError, by_sha: dict[str, Chunk],
+           published: set[str], on_update: Callable[[Outcome], None] | None) -> None:
     """Act on one device's answer to the deploy request: publish the chunks it lacks that no
     other device asked for first (one retained copy serves them all)."""
     if isinstance(response, FleetError):
         out.phase, out.error = "failed", str(response)
         out.done.set()
         return
-    if response.get("status") != "ok":
-        out.phase, out.error = "failed", str(response.get("error"))
+    if response.status != "ok":
+        out.phase, out.error = "failed", str(response.error)
         out.done.set()
         if on_update is not None:
             on_update(out)
         return
-    data = response.get("data") or {}
-    out.need_bytes = int(data.get("need_bytes", 0))
-    for sha in data.get("need", []):
-        chunk = by_sha.get(sha)
-        if chunk is None or sha in published:
+    chunks, out.need_bytes = needs(response.data, by_sha)
+    for chunk in chunks:
+        sha = chunk.sha256
+        if sha in published:
             continue
         client.publish(protocol.blob_topic(sha),
                        the_plan.data[chunk.offset:chunk.offset + chunk.size], retain=True)
         published.add(sha)
 
 
-def resolve_targets(client: FleetClient, devices: tuple[str, ...], group: str | None) -> list[str]:
+def resolve_targets(client: FleetClient, devices: tuple[str, ...], group: str | None, *,
+                    on_skip: Callable[[str, str], None] | None = None) -> list[str]:
+    """The devices given, or every device whose retained status announces `group`. A status
+    that cannot be read is skipped: `on_skip(device or topic, reason)`, by default a warning in
+    the log; every other device is a target as usual."""
     if devices:
+        for device in devices:
+            try:
+                protocol.check_name(device, "--device")
+            except protocol.ProtocolError as exc:
+                raise FleetError(str(exc)) from None
         return list(dict.fromkeys(devices))
-    statuses = client.devices()
-    found = sorted(d for d, s in statuses.items() if group in (s.get("groups") or []))
+    scan = client.statuses()
+    for who, reason in sorted(scan.problems.items()):
+        if on_skip is not None:
+            on_skip(who, reason)
+        else:
+            log.warning("skipping %s: its status breaks the contract: %s", who, reason)
+    found = sorted(d for d, s in scan.statuses.items() if group in s.groups)
     if not found:
         raise FleetError(f"no device has announced group {group!r} (seen: "
-                         f"{', '.join(sorted(statuses)) or 'none'})")
+                         f"{', '.join(sorted(scan.statuses)) or 'none'})")
     return found

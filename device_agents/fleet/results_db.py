@@ -12,16 +12,13 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Final
-
-import msgspec
+from typing import Any, Final
 
 from device_agents import protocol
 from device_agents.fleet.client import FleetError
 
 SCHEMA_VERSION: Final = 1
 REJECT_KEEP_BYTES: Final = 64 * 1024  # of a refused payload, enough to see what sent it
-_INT64: Final = 2**63 - 1
 
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS results (
@@ -58,71 +55,46 @@ class CollectError(FleetError):
     """The collector cannot run: database unusable, broker unreachable, bad options."""
 
 
-class _Result(msgspec.Struct):
-    """The fields of a result the table needs; msgspec skips the rest (outputs, top) unparsed."""
-
-    epoch: Annotated[int, msgspec.Meta(ge=0, le=_INT64)]
-    seq: Annotated[int, msgspec.Meta(ge=0, le=_INT64)]
-    id: Any = None
-    model: Any = None
-    label: Any = None
-    score: Any = None
-    latency_ms: Any = None
-    ts_in: Any = None
-    ts_out: Any = None
-
-
-_decoder = msgspec.json.Decoder(_Result)
-
-
 class NotAResultError(Exception):
     """A message that is not a result: counted, its reason kept in the rejects table."""
 
 
 def result_row(topic: str, payload: bytes, received_at: float) -> tuple[Any, ...]:
-    """The `results` row of one message; raises NotAResultError when it is not a result."""
-    device, stream = _device_stream(topic)
+    """The `results` row of one message; raises NotAResultError (and nothing else, whatever
+    the topic and the bytes) when it is not a result."""
     try:
-        doc = _decoder.decode(payload)
-        text = payload.decode()
-    except msgspec.ValidationError as exc:
+        where = protocol.parse_topic(topic)
+    except protocol.ProtocolError as exc:
+        raise NotAResultError(str(exc)) from None
+    if where.kind != "out" or where.name is None:
+        raise NotAResultError(f"not a result topic (out/{{stream}}) but a {where.kind} topic: "
+                              f"{topic[:120]!r}")
+    try:
+        doc = protocol.parse_result(payload)
+        text = payload.decode()  # the whole result is kept, as JSON text json_extract reads
+    except protocol.ProtocolError as exc:
         raise NotAResultError(f"not a result: {exc}") from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise NotAResultError(f"not JSON: {exc}") from None
-    model = doc.model if isinstance(doc.model, dict) else {}
-    latency = doc.latency_ms if isinstance(doc.latency_ms, dict) else {}
-    return (device, stream, doc.epoch, doc.seq, _scalar(doc.id), _text(model.get("name")),
-            _text(model.get("version")), _text(doc.label), _number(doc.score),
-            _number(latency.get("total")), _number(doc.ts_in), _number(doc.ts_out), received_at,
-            text)
+    except UnicodeDecodeError as exc:
+        raise NotAResultError(f"not a result: not UTF-8: {exc}") from None
+    model = doc.model
+    total = doc.latency_ms.get("total") if doc.latency_ms is not None else None
+    return (where.device, where.name, doc.epoch, doc.seq, doc.id,
+            model.name if model else None, model.version if model else None,
+            None if doc.label is None else str(doc.label), doc.score, total, doc.ts_in,
+            doc.ts_out, received_at, text)
 
 
-def _device_stream(topic: str) -> tuple[str, str]:
-    parts = topic.split("/")
-    # protocol.Topics(device).output(stream) is ROOT/{device}/out/{stream}
-    if (len(parts) != 5 or f"{parts[0]}/{parts[1]}" != protocol.ROOT or parts[3] != "out"
-            or not parts[2] or not parts[4]):
-        raise NotAResultError(f"not a result topic ({protocol.ROOT}/{{device}}/out/{{stream}})")
-    return parts[2], parts[4]
+def reject_row(topic: str, payload: bytes, reason: str, received_at: float
+               ) -> tuple[float, str, str, int, bytes]:
+    """The `rejects` row of a message that is not a result."""
+    return (received_at, _storable(topic), _storable(reason), len(payload),
+            payload[:REJECT_KEEP_BYTES])
 
 
-def _scalar(value: Any) -> str | int | float | None:
-    """What SQLite can bind: an integer past 64 bits would fail the whole batch, so it is text."""
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, int):
-        return value if -_INT64 - 1 <= value <= _INT64 else str(value)
-    if isinstance(value, str | float):
-        return value
-    return None if value is None else protocol.encode(value).decode()
-
-
-def _text(value: Any) -> str | None:
-    return None if value is None else str(_scalar(value))
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+def _storable(text: str) -> str:
+    """What SQLite can store as text: a lone surrogate (no broker sends one, a caller might)
+    would fail the whole batch."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -174,8 +146,7 @@ class ResultStore:
             try:
                 rows.append(result_row(topic, payload, received_at))
             except NotAResultError as exc:
-                rejects.append((received_at, topic, str(exc), len(payload),
-                                payload[:REJECT_KEEP_BYTES]))
+                rejects.append(reject_row(topic, payload, str(exc), received_at))
         try:
             self._db.execute("BEGIN IMMEDIATE")  # the write lock now, under the busy timeout
             stored = self._db.executemany(_INSERT_RESULT, rows).rowcount if rows else 0
@@ -187,6 +158,10 @@ class ResultStore:
                 self._db.execute("ROLLBACK")
             raise
         return WriteOutcome(stored, len(rows) - stored, len(rejects))
+
+    def reject(self, topic: str, payload: bytes, reason: str, received_at: float) -> None:
+        """Keep one message aside as a reject, in a transaction of its own."""
+        self._db.execute(_INSERT_REJECT, reject_row(topic, payload, reason, received_at))
 
     def close(self) -> None:
         self._db.close()

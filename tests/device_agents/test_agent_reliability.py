@@ -97,6 +97,30 @@ def test_online_waits_until_a_sensor_broker_of_its_own_has_the_subscription(
     assert sorted(r["id"] for r in results) == list(range(20))
 
 
+@pytest.mark.parametrize("kill", [False, True], ids=["sigterm", "kill-9"])
+def test_birth_after_a_restart_with_resumed_sessions(bench: Bench, kill: bool) -> None:
+    """Both connections resume their sessions after a restart (no SUBSCRIBE, so no SUBACK): the
+    birth with the new epoch still goes out at once, not after the sensor connection's wait."""
+    bench.write(extra=f'\n[sensors]\nurl = "{bench.broker.url}"\n')
+    watcher = bench.peer()
+    first = bench.agent()
+    assert wait_for_status(watcher, "online", timeout=30)["epoch"] == 1
+    first.stop(kill=kill)
+    bench.agent()
+    started = time.monotonic()
+    deadline = started + 10
+    birth = None
+    while time.monotonic() < deadline:
+        doc = watcher.collect("/status", 1, timeout=deadline - time.monotonic())[0]
+        if doc.get("state") == "online" and doc.get("epoch") == 2:
+            birth = doc
+            break
+    assert birth is not None, "no online status with epoch 2"
+    assert time.monotonic() - started < 5, time.monotonic() - started
+    if bench.broker.kind == "mosquitto":  # amqtt 0.12 answers session present: False
+        assert "session present: True" in bench.agents[-1].logs()
+
+
 def test_uplink_outage_local_inference_goes_on(bench: Bench, digits_samples) -> None:  # type: ignore[no-untyped-def]
     """Sensors on the local broker, uplink through an emulated LTE link that is cut: results
     pile up in the outbox and all arrive once the link is back."""

@@ -18,6 +18,7 @@ import pytest
 
 from device_agents.chunks import chunk_file
 from device_agents.linkem import LinkEmulator
+from device_agents.protocol import encode_tensor
 from runtime.package import write_package
 from runtime.signing import load_private_key
 from tests.device_agents.conftest import Bench
@@ -170,6 +171,51 @@ def test_automatic_rollback_on_nan_outputs(mlp_bench: Bench, mlp: dict[str, Path
         if result["id"] == "after":
             assert result["model"]["version"] == "1"
             break
+
+
+def test_bad_input_in_the_health_window_does_not_roll_a_healthy_model_back(
+        mlp_bench: Bench, mlp: dict[str, Path]) -> None:
+    """The health window counts the model's failures, not the sender's: a sensor sending wrong
+    shapes, NaN inputs and broken JSON throughout the window gets its errors, and v3 stays."""
+    watcher = mlp_bench.peer()
+    sensor = mlp_bench.peer(subscribe=[])
+    mlp_bench.agent()
+    wait_for_status(watcher, "online")
+    stop = threading.Event()
+    bad: list[Any] = [{"data": [1.0, 2.0]}, {"data": encode_tensor(np.full((1, 8, 8), np.nan,
+                                                                           dtype=np.float32))},
+                      b"{broken", {"inputs": {"nope": image(0)}}]
+
+    def stream() -> None:
+        i = 0
+        while not stop.is_set():
+            payload = bad[i % len(bad)]
+            sensor.send("cam", payload if isinstance(payload, bytes) else {**payload, "id": i})
+            i += 1
+            time.sleep(0.02)
+
+    sender = threading.Thread(target=stream)
+    sender.start()
+    try:
+        code, outcome = fleet_deploy(mlp_bench.broker.url, mlp["v3_full"], mlp_bench.device_id,
+                                     extra=("--health-window", "4"))
+    finally:
+        stop.set()
+        sender.join()
+    assert code == 0, outcome
+    device = outcome["devices"][0]
+    assert (device["phase"], device["healthy"]) == ("active", True), device
+    codes = {doc["code"] for doc in watcher.collect("/error", 20)}
+    assert codes <= {"bad_input", "bad_payload"} and "bad_input" in codes, codes
+    watcher.send("cam", {"id": "after", "data": image(2)})
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        result = watcher.collect("/out/cam", 1)[0]
+        if result["id"] == "after":
+            assert result["model"]["version"] == "3"
+            break
+    else:
+        raise AssertionError("no answer after the window")
 
 
 def test_head_only_update_sends_only_the_changed_chunks(mlp: dict[str, Path]) -> None:
