@@ -7,7 +7,10 @@ Side by side on loopback with one Mosquitto, QoS 1 everywhere, the same sensor p
    (targets <= 5 ms and <= 25 ms), with the agent's RSS sampled all along (target <= 90 MB, and
    no growth);
 3. the agent with a ~5 ms model vs a bare `session.run` loop on single samples (target >= 0.8x);
-4. the outbox's enqueue rate into SQLite with group commit (target >= 5,000/s).
+4. the outbox's enqueue rate into SQLite with group commit (target >= 5,000/s);
+5. the same half rate with 1% hostile messages mixed in (deep nesting, shapes that overflow,
+   broken JSON, wrong dtypes), run right after the clean one: zero good messages lost, every
+   hostile one answered with an error, p99 within 1.5x of the clean run, RSS growth <= 2 MB.
 
     python -m benchmarks.agent_throughput [--quick]
 """
@@ -108,29 +111,58 @@ def flood(broker: Mosquitto, topic: str, images: list[list[Any]], collector: Col
     return n / took
 
 
+# what a buggy sensor or a stranger on the broker sends (tests/device_agents/test_protocol_fuzz.py
+# holds the full corpus); each must come back as one error, and cost the good messages nothing
+HOSTILE = [
+    b"[" * 3000 + b"]" * 3000,
+    b'{"id": "p", "data": ' + b"[" * 900 + b"1" + b"]" * 900 + b"}",
+    json.dumps({"id": "p", "data": {"dtype": "float32", "shape": [2**32, 2**32], "b64": ""}}).encode(),
+    json.dumps({"id": "p", "data": {"dtype": "float32", "shape": [2**70], "b64": ""}}).encode(),
+    json.dumps({"id": 2**70, "data": [1]}).encode(),
+    b"\xff\xfe not json",
+    json.dumps({"id": "p", "data": [[1], [1, 2]]}).encode(),
+    json.dumps({"id": "p", "data": ["x"]}).encode(),
+]
+
+
 def paced(broker: Mosquitto, topic: str, images: list[list[Any]], collector: Collector,
-          rate: float, seconds: float, on_tick: Any = None) -> list[float]:
-    """Publish at `rate`/s for `seconds`; per-message latency (ms) to the collector."""
+          rate: float, seconds: float, on_tick: Any = None, poison_every: int = 0,
+          errors: Collector | None = None) -> tuple[list[float], int, int]:
+    """Publish at `rate`/s for `seconds`; per-message latency (ms) of the good messages to the
+    collector, and with `poison_every`, one hostile message in that many: (latencies, hostile
+    sent, hostile answered with an error)."""
     sensor = _client(broker, f"paced-{time.monotonic_ns()}")
     n = int(rate * seconds)
-    collector.reset(n)
+    hostile = [i for i in range(n) if poison_every and i % poison_every == poison_every // 2]
+    good = n - len(hostile)
+    collector.reset(good)
+    if errors is not None:
+        errors.reset(0)
     sent: dict[int, float] = {}
     start = time.perf_counter()
     next_tick = start + 1
+    bad = set(hostile)
     for i in range(n):
         due = start + i / rate
         while (now := time.perf_counter()) < due:
             time.sleep(min(0.001, due - now))
-        sent[i] = time.perf_counter()
-        sensor.publish(topic, payload(images[i % len(images)], i), qos=1)
+        if i in bad:
+            sensor.publish(topic, HOSTILE[i % len(HOSTILE)], qos=1)
+        else:
+            sent[i] = time.perf_counter()
+            sensor.publish(topic, payload(images[i % len(images)], i), qos=1)
         if on_tick is not None and now >= next_tick:
             on_tick()
             next_tick += 1
     if not collector.done.wait(60):
-        raise TimeoutError(f"{len(collector.arrivals)} of {n} answered")
+        raise TimeoutError(f"{len(collector.arrivals)} of {good} answered")
+    deadline = time.monotonic() + 10
+    while errors is not None and errors.count < len(hostile) and time.monotonic() < deadline:
+        time.sleep(0.05)
     sensor.loop_stop()
     sensor.disconnect()
-    return [(collector.arrivals[i] - sent[i]) * 1000 for i in range(n)]
+    return ([(collector.arrivals[i] - sent[i]) * 1000 for i in sent], len(hostile),
+            errors.count if errors is not None else 0)
 
 
 def rss_mb(pid: int) -> float:
@@ -223,8 +255,14 @@ def main(argv: list[str] | None = None) -> int:
                 sustained = statistics.median([flood(broker, topic, images, out, n)
                                                for _ in range(2)])
                 samples: list[float] = []
-                latencies = paced(broker, topic, images, out, sustained / 2, load_s,
-                                  on_tick=lambda: samples.append(rss_mb(agent.proc.pid)))  # type: ignore[union-attr]
+                latencies, _, _ = paced(broker, topic, images, out, sustained / 2, load_s,
+                                        on_tick=lambda: samples.append(rss_mb(agent.proc.pid)))  # type: ignore[union-attr]
+                poisoned: list[float] = []
+                errors = Collector(broker, f"{ROOT}/{DEVICE}/error")
+                poison_latencies, hostile, refused = paced(
+                    broker, topic, images, out, sustained / 2, load_s, poison_every=100,
+                    errors=errors, on_tick=lambda: poisoned.append(rss_mb(agent.proc.pid)))  # type: ignore[union-attr]
+                errors.close()
             finally:
                 agent.stop()
             f = report.figures
@@ -235,9 +273,15 @@ def main(argv: list[str] | None = None) -> int:
             f["latency_p50_ms"] = round(float(np.percentile(latencies, 50)), 3)
             f["latency_p99_ms"] = round(float(np.percentile(latencies, 99)), 3)
             f["rss_peak_mb"] = round(max(samples), 1)
-            third = max(1, len(samples) // 3)
-            f["rss_growth_mb"] = round(statistics.mean(samples[-third:])
-                                       - statistics.mean(samples[third:2 * third] or samples), 2)
+            f["rss_growth_mb"] = _growth(samples)
+            good = int(sustained / 2 * load_s) - hostile
+            f["poison_share"] = round(hostile / (good + hostile), 4)
+            f["poison_hostile_sent"] = hostile
+            f["poison_hostile_unanswered"] = hostile - refused
+            f["poison_good_lost"] = good - len(poison_latencies)
+            f["poison_latency_p99_ms"] = round(float(np.percentile(poison_latencies, 99)), 3)
+            f["poison_p99_vs_clean"] = round(f["poison_latency_p99_ms"] / f["latency_p99_ms"], 3)
+            f["poison_rss_growth_mb"] = _growth(poisoned)
 
             wide_pkg = built["packages"]["wide"]
             wide_images = [np.asarray(x, dtype=np.float32) for x in _upsampled(split.x_test[:50])]
@@ -259,9 +303,18 @@ def main(argv: list[str] | None = None) -> int:
     report.targets = [Target("agent_vs_ceiling", ">=", 0.5), Target("latency_p50_ms", "<=", 5),
                       Target("latency_p99_ms", "<=", 25), Target("rss_peak_mb", "<=", 90),
                       Target("rss_growth_mb", "<=", 2), Target("wide_agent_vs_bare", ">=", 0.8),
-                      Target("outbox_enqueue_per_s", ">=", 5000)]
+                      Target("outbox_enqueue_per_s", ">=", 5000),
+                      Target("poison_good_lost", "<=", 0), Target("poison_hostile_unanswered", "<=", 0),
+                      Target("poison_p99_vs_clean", "<=", 1.5), Target("poison_rss_growth_mb", "<=", 2)]
     report.write()
     return 0
+
+
+def _growth(samples: list[float]) -> float:
+    """RSS of the last third of a run against its middle third (the first is warm-up), MB."""
+    third = max(1, len(samples) // 3)
+    return round(statistics.mean(samples[-third:])
+                 - statistics.mean(samples[third:2 * third] or samples), 2)
 
 
 def _upsampled(x: np.ndarray) -> np.ndarray:
