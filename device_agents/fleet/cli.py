@@ -77,7 +77,8 @@ def deploy_command(package_dir: Path, devices: tuple[str, ...], group: str | Non
                    timeout: float, health_window: float, max_error_rate: float, as_json: bool,
                    broker_config: BrokerConfig) -> None:
     """Deliver a package over MQTT and wait for every device's outcome (exit 0 only if every
-    target ends active).
+    target ends active). With --group, a device whose status breaks the contract is skipped
+    with a warning (and listed under `skipped` in --json); the others are deployed to.
 
     \b
     Example:
@@ -94,8 +95,14 @@ def deploy_command(package_dir: Path, devices: tuple[str, ...], group: str | Non
         raise FleetError("give --device ID (repeatable) or --group G")
     the_plan = plan(package_dir, health_window, max_error_rate)
     err = Console(stderr=True)
+    skipped: list[dict[str, str]] = []
+
+    def skip(who: str, reason: str) -> None:  # the other devices of the group go on
+        skipped.append({"device": who, "error": reason})
+        click.echo(f"warning: skipping {who}: its status breaks the contract: {reason}", err=True)
+
     with FleetClient(broker_config, "deploy") as client:
-        targets = resolve_targets(client, devices, group)
+        targets = resolve_targets(client, devices, group, on_skip=skip)
         if not as_json:
             err.print(f"deploying {the_plan.name} {the_plan.version} "
                       f"({the_plan.total_bytes / 1e6:.2f} MB, {len(the_plan.chunks)} chunks) to "
@@ -114,7 +121,8 @@ def deploy_command(package_dir: Path, devices: tuple[str, ...], group: str | Non
     ok = all(o.ok for o in outcomes)
     if as_json:
         click.echo(json.dumps({"name": the_plan.name, "version": the_plan.version, "ok": ok,
-                               "bytes": the_plan.total_bytes, "devices": [o.as_dict() for o in outcomes]}))
+                               "bytes": the_plan.total_bytes, "devices": [o.as_dict() for o in outcomes],
+                               "skipped": skipped}))
     else:
         table = Table(title=f"{the_plan.name} {the_plan.version}", title_justify="left")
         for col in ("device", "phase", "healthy", "sent", "seconds", "error"):
@@ -139,12 +147,13 @@ def rollback_command(device: str, model_name: str, timeout: float,
     Example:
       edgefleet fleet rollback --device edge-001 --model digits
     """
+    from device_agents import protocol
     from device_agents.fleet.client import FleetClient
 
     with FleetClient(broker_config, "rollback") as client:
         response = client.request(device, "rollback", {"model": model_name}, timeout)
-    click.echo(json.dumps(response))
-    sys.exit(0 if response.get("status") == "ok" else 1)
+    click.echo(protocol.encode(response).decode())
+    sys.exit(0 if response.status == "ok" else 1)
 
 
 @fleet.command("call")
@@ -162,6 +171,7 @@ def call_command(device: str, command: str, args: tuple[str, ...], timeout: floa
       edgefleet fleet call edge-001 ping
       edgefleet fleet call edge-001 rollback --arg model=digits
     """
+    from device_agents import protocol
     from device_agents.fleet.client import FleetClient, FleetError
 
     payload: dict[str, Any] = {}
@@ -171,12 +181,12 @@ def call_command(device: str, command: str, args: tuple[str, ...], timeout: floa
             raise FleetError(f"--arg {item!r} is not k=v")
         try:
             payload[key] = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):
             payload[key] = value
     with FleetClient(broker_config, "call") as client:
         response = client.request(device, command, payload, timeout)
-    click.echo(json.dumps(response))
-    sys.exit(0 if response.get("status") == "ok" else 1)
+    click.echo(protocol.encode(response).decode())
+    sys.exit(0 if response.status == "ok" else 1)
 
 
 @fleet.command("status")
@@ -188,7 +198,8 @@ def call_command(device: str, command: str, args: tuple[str, ...], timeout: floa
 @broker_options
 def status_command(watch: bool, wait: float, as_json: bool, broker_config: BrokerConfig) -> None:
     """One row per device seen: online, epoch, groups, models, outbox depth, p50 latency, last
-    telemetry.
+    telemetry. A device whose status breaks the contract shows as `invalid`: why is on stderr,
+    and in the `error` field of --json.
 
     \b
     Example:
@@ -219,6 +230,8 @@ def status_command(watch: bool, wait: float, as_json: bool, broker_config: Broke
     with FleetClient(broker_config, "status") as client:
         view = FleetView(client)
         view.settle(wait)
+        for line in view.problems():  # the row says `invalid`; here is why
+            click.echo(f"warning: {line}", err=True)
         if as_json:
             click.echo(json.dumps(view.snapshot()))
             return

@@ -1,14 +1,16 @@
 """`edgefleet fleet collect`: every device's results into SQLite, several collectors sharing the load.
 
 Data flows one way: transport (paho's thread) -> queue -> writer thread (decode, INSERT OR IGNORE
-a batch, COMMIT) -> PUBACKs in arrival order. The writer is supervised: one that fails is logged
-with its traceback and restarted (the batch it held is written again one message at a time, so a
-message that breaks it ends in `rejects`); one that keeps failing ends the collector, and `run`
-raises CollectorFailedError (exit 70), never a command that runs on with a dead writer. A result is acknowledged to the broker only once its
+a batch, COMMIT) -> PUBACKs in arrival order. A result is acknowledged to the broker only once its
 row is committed, and the collector keeps a persistent MQTT session, so a crash, a restart or a
 dropped link loses nothing: what was not acknowledged comes again, and UNIQUE(device, epoch, seq)
 stores it once. Collectors in one MQTT 5 shared-subscription group (`$share/{group}/...`) split
 the results: the broker hands each message to one member of the group.
+
+The writer is supervised: one that fails is logged with its traceback and restarted (the batch it
+held is written again one message at a time, so a message that breaks it ends in `rejects`); one
+that keeps failing ends the collector, and `run` raises CollectorFailedError (exit 70): never a
+command that runs on with a dead writer.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sqlite3
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -159,6 +162,7 @@ class Collector:
         """Open the database (first: a bad path fails before any network), connect, subscribe."""
         self._store = ResultStore(self.db_path, synchronous=self.synchronous)
         self._started = time.monotonic()
+        self._batch, self._last, self.failure = [], False, None  # a collector may start again
         supervisor = self._supervisor = Supervisor("edgefleet collect", on_fatal=self._on_fatal)
         supervisor.spawn(WRITER, self._write_loop, max_restarts=WRITER_RESTARTS,
                          window_s=WRITER_WINDOW_S)
@@ -321,22 +325,25 @@ class Collector:
 
     def _isolate(self) -> None:
         """Write the batch a failed run left, one message at a time: the one that fails again is
-        kept as a reject, so a single message cannot fail the writer over and over."""
+        kept as a reject, so a single message cannot fail the writer over and over. A message
+        leaves the batch only once handled: if even its reject fails, the next run tries again
+        (and a writer that keeps failing ends the collector)."""
         assert self._store is not None
-        batch, self._batch = self._batch, []
-        for i, msg in enumerate(batch):
+        while self._batch:
+            msg = self._batch[0]
             try:
                 done = self._commit([msg])
             except Exception as exc:
-                log.exception("cannot store a message from %s; kept in rejects", msg.topic[:120])
+                log.exception("cannot store a message from %s; keeping it in rejects",
+                              msg.topic[:120])
                 self._store.reject(msg.topic, msg.payload, f"collector error: "
                                    f"{type(exc).__name__}: {exc}", time.time())
                 self._acknowledge([msg])
                 self._count(WriteOutcome(0, 0, 1))
-                continue
-            if not done:  # the database, not the message: back to whole batches
-                self._batch = batch[i:]
+                done = True
+            if not done:  # the database said no, not the message: back to whole batches
                 return
+            self._batch.pop(0)
 
     def _on_fatal(self, reason: str) -> None:
         """The writer kept failing: stop taking messages (those not acknowledged come again at
@@ -396,8 +403,9 @@ class ProgressLine:
 
 class WarningLines(logging.Handler):
     """edgefleet's warnings (a dropped link, a failed commit) as `warning: ...` lines on stderr,
-    once the collector has connected: before that, an unreachable broker is the one error line
-    the command ends with."""
+    and its errors (a writer that failed) as `error: ...` with their traceback, once the
+    collector has connected: before that, an unreachable broker is the one error line the
+    command ends with."""
 
     def __init__(self, collector: Collector) -> None:
         super().__init__(logging.WARNING)
@@ -405,5 +413,10 @@ class WarningLines(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         transport = self.collector.transport
-        if transport is not None and transport.connects > 0:
-            print(f"warning: {record.getMessage()}", file=sys.stderr, flush=True)
+        if transport is None or transport.connects == 0:
+            return
+        level = "warning" if record.levelno < logging.ERROR else "error"
+        text = f"{level}: {record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
+        print(text, file=sys.stderr, flush=True)

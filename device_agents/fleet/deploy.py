@@ -172,8 +172,9 @@ def needs(data: Any, by_sha: dict[str, Chunk]) -> tuple[list[Chunk], int]:
     need, need_bytes = data.get("need"), data.get("need_bytes")
     shas = [sha for sha in need if isinstance(sha, str)] if isinstance(need, list) else []
     chunks = [by_sha[sha] for sha in dict.fromkeys(shas) if sha in by_sha]
-    ok = isinstance(need_bytes, int) and not isinstance(need_bytes, bool) and need_bytes >= 0
-    return chunks, need_bytes if ok else sum(c.size for c in chunks)
+    if isinstance(need_bytes, int) and not isinstance(need_bytes, bool) and need_bytes >= 0:
+        return chunks, need_bytes
+    return chunks, sum(c.size for c in chunks)
 
 
 def _start(client: FleetClient, the_plan: Plan, out: Outcome,

@@ -153,23 +153,26 @@ def test_malformed_payloads_are_counted_and_kept_aside(broker, tmp_path: Path) -
     db, device = tmp_path / "results.db", unique("dev")
     peer = Peer(broker, device, subscribe=[])
     bad = [b"not json", b"[1, 2, 3]", b'{"seq": 1, "id": "no epoch"}', b'{"epoch": "1", "seq": 2}',
-           b"\xff\xfe\x00", b'{"epoch": -1, "seq": 3}', b""]
+           b"\xff\xfe\x00", b'{"epoch": -1, "seq": 3}', b"",
+           result(4, msg_id=2**80),  # ids are strings or 64-bit integers (CONTRACT 5.3)
+           result(5, msg_id={"nested": [1]})]
     with collector(broker, db, device) as c:
         publish(peer, device, [result(1), *bad])
-        publish(peer, device, [result(2, msg_id=2**80)])  # an id SQLite cannot bind as integer
-        publish(peer, device, [result(3, msg_id={"nested": [1]})], stream="other")
+        publish(peer, device, [result(2, msg_id=2)])
+        publish(peer, device, [result(3)], stream="other")
         deadline = time.monotonic() + 20
         while c.stats.handled < len(bad) + 3 and time.monotonic() < deadline:
             time.sleep(0.05)
     peer.close()
     assert (c.stats.stored, c.stats.rejects) == (3, len(bad))  # good ones before and after
     assert rows(db, "SELECT seq, id, stream FROM results ORDER BY seq") == [
-        (1, "m1", "cam"), (2, str(2**80), "cam"), (3, '{"nested":[1]}', "other")]
+        (1, "m1", "cam"), (2, 2, "cam"), (3, "m3", "other")]
     rejects = rows(db, "SELECT reason, size, payload FROM rejects")
     assert len(rejects) == len(bad)
     reasons = " | ".join(r[0] for r in rejects)
-    assert "not JSON" in reasons
+    assert "not valid JSON" in reasons
     assert "missing required field `epoch`" in reasons
+    assert "at `$.id`" in reasons
     assert rejects[0][1:] == (8, b"not json")
 
 
