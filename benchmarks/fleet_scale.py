@@ -192,7 +192,7 @@ class BareSubscriber:
         self.broker, self.name = broker, name
         self.times: list[float] = []
         self.client = self._connect()
-        self.client.subscribe(protocol.Topics("+").output("+"), qos=1)
+        self.client.subscribe(protocol.ALL_RESULTS, qos=1)
         time.sleep(0.3)
 
     def _connect(self) -> mqtt.Client:

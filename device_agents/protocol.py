@@ -29,6 +29,10 @@ NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # device ids, model 
 STREAM_PATTERN: Final = r"^[A-Za-z0-9_.-]{1,128}$"  # sensor streams and request commands
 VERSION_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$"
 SHA256_PATTERN: Final = r"^[0-9a-f]{64}$"
+# subscription filters over the whole fleet
+ALL_STATUS: Final = f"{ROOT}/+/status"
+ALL_TELEMETRY: Final = f"{ROOT}/+/telemetry"
+ALL_RESULTS: Final = f"{ROOT}/+/out/+"
 NAME_RE: Final = re.compile(NAME_PATTERN)
 STREAM_RE: Final = re.compile(STREAM_PATTERN)
 SHA256_RE: Final = re.compile(SHA256_PATTERN)
@@ -154,6 +158,7 @@ class Topics:
         self.event = f"{base}/event"
         self.inputs = f"{base}/in/+"
         self.requests = f"{base}/request/+"
+        self.outputs = f"{base}/out/+"
         self.responses = f"{base}/response/+"
         self.model_states = f"{base}/model/+/state"
         self._in_prefix = f"{base}/in/"
@@ -483,7 +488,8 @@ class Status(_Doc, kw_only=True):
     state: Literal["online", "offline"]
     epoch: Count
     agent: Text | None = None
-    groups: Annotated[list[Name], Meta(max_length=MAX_ITEMS)] = msgspec.field(default_factory=list)
+    groups: Annotated[list[Annotated[str, Meta(max_length=MAX_ID)]], Meta(max_length=MAX_ITEMS)] = (
+        msgspec.field(default_factory=list))
     models: Annotated[list[ModelRef], Meta(max_length=MAX_ITEMS)] = msgspec.field(
         default_factory=list)
     ts: float | None = None
@@ -523,7 +529,7 @@ class Result(_Doc, kw_only=True):
     stream: Annotated[str, Meta(pattern=STREAM_PATTERN)] | None = None
     run: Annotated[str, Meta(max_length=MAX_ID)] | None = None
     model: ModelRef | None = None
-    label: Annotated[str, Meta(max_length=MAX_ID)] | int | None = None
+    label: Text | int | None = None
     score: float | None = None
     latency_ms: dict[Annotated[str, Meta(max_length=32)], float] | None = None
     ts_in: float | None = None
@@ -537,6 +543,7 @@ class ModelState(_Doc, kw_only=True):
     progress: Annotated[float, Meta(ge=0, le=1)] | None = None
     error: Text | None = None
     ts: float | None = None
+    healthy: bool = False  # active and through its health window
 
 
 class Response(_Doc, kw_only=True):

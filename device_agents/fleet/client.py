@@ -29,12 +29,9 @@ from device_agents.transport import Message, Transport
 
 log = logging.getLogger("edgefleet.fleet")
 
-# Subscription filters over the whole fleet. protocol.py builds every topic of one device but no
-# fleet-wide wildcard filter yet, so they are named here, once (tests check them against
-# protocol's builders).
-ALL_STATUS: Final = "edgefleet/v1/+/status"
-ALL_TELEMETRY: Final = "edgefleet/v1/+/telemetry"
-ALL_RESULTS: Final = "edgefleet/v1/+/out/+"
+ALL_STATUS: Final = protocol.ALL_STATUS
+ALL_TELEMETRY: Final = protocol.ALL_TELEMETRY
+ALL_RESULTS: Final = protocol.ALL_RESULTS
 MAX_RESPONSE_BYTES: Final = 16 << 20  # of a response whose transaction is read from a bad one
 
 Listener = Callable[[protocol.DeviceTopic, bytes], None]
@@ -42,9 +39,8 @@ BadTopicListener = Callable[[str, str], None]  # (topic, why it is not one of th
 
 
 def device_results(device: str) -> str:
-    """The filter of one device's results: `edgefleet/v1/{device}/out/+` (protocol.Topics has
-    `inputs` and `requests` filters, not yet `outputs`)."""
-    return protocol.Topics(device).base + "/out/+"
+    """The filter of one device's results: `edgefleet/v1/{device}/out/+`."""
+    return protocol.Topics(device).outputs
 
 
 class FleetError(DeviceAgentError):

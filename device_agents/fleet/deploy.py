@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
 from device_agents import protocol
 from device_agents.chunks import Chunk, chunk_bytes
 from device_agents.fleet.client import FleetClient, FleetError
@@ -132,16 +130,6 @@ def deploy(client: FleetClient, the_plan: Plan, devices: list[str], *, canary: i
     return [outcomes[d] for d in devices]
 
 
-class _Health(msgspec.Struct):
-    """The `healthy` flag of a model state, which protocol.ModelState does not declare (yet): read
-    only from a payload protocol.parse_model_state accepted."""
-
-    healthy: bool = False
-
-
-_health_decoder = msgspec.json.Decoder(_Health)
-
-
 def apply_state(out: Outcome, payload: bytes, deployment: str, wait_healthy: bool) -> bool:
     """Update `out` from one `model/{name}/state` message; True when it was about `deployment`.
     A state that breaks the contract is logged and ignored (a stale retained one may linger
@@ -153,12 +141,8 @@ def apply_state(out: Outcome, payload: bytes, deployment: str, wait_healthy: boo
         return False
     if state.deployment != deployment:
         return False
-    try:
-        healthy = _health_decoder.decode(payload).healthy
-    except (msgspec.DecodeError, RecursionError, UnicodeError):
-        healthy = False
     out.phase, out.progress, out.error, out.healthy = (state.phase, state.progress or 0.0,
-                                                       state.error, healthy)
+                                                       state.error, state.healthy)
     if out.phase in TERMINAL or (out.phase == "active" and (out.healthy or not wait_healthy)):
         out.done.set()
     return True
