@@ -15,7 +15,7 @@ worker restarted, or the process ends with exit code 70 for systemd to restart; 
 | `edgefleet-batcher-*` (runtime) | a model's batch queue | onnxruntime, the answer callbacks (outbox.put) |
 | `edgefleet-outbox` | the SQLite writer | its commit callbacks: publisher.after_commit, acks.done |
 | `edgefleet-publisher` | the publish window | outbox.take/ack, transport.publish |
-| `edgefleet-requests` | request queue | router handlers, transport.publish, acks.done |
+| `edgefleet-requests` | request queue | router handlers, outbox.put (responses) |
 | `edgefleet-delivery` | deliveries in progress | chunk store, model store, inference.activate |
 | `edgefleet-telemetry` | the telemetry timer | transport.publish (QoS 0), heap trim |
 | `edgefleet-watchdog` | systemd notifications | supervisor.healthy |
@@ -118,8 +118,9 @@ class Agent:
                              beat=lambda: self.supervisor.beat("intake"))
         self.router = Router()
         requests.add_agent_requests(self.router, self)
-        self.requests = RequestWorker(self.router, self.topics, self.uplink,
+        self.requests = RequestWorker(self.router, self.topics, self.outbox,
                                       limits.max_payload_bytes, handled=self._handled,
+                                      unstored=self._unstored,
                                       beat=lambda: self.supervisor.beat("requests"))
         self.delivery = DeliveryManager(
             self.data_dir, self.store, self.chunks, self.inference, self.uplink, self.topics,
@@ -143,7 +144,9 @@ class Agent:
         spawn("publisher", self.publisher.loop, heartbeat_s=BEAT_S)
         spawn("telemetry", self._telemetry_loop, heartbeat_s=BEAT_S)
         spawn("requests", self.requests.loop, heartbeat_s=BEAT_S)
-        self.delivery.start()
+        spawn("delivery", lambda: self.delivery.loop(lambda: self.supervisor.beat("delivery")),
+              heartbeat_s=2 * BEAT_S)  # a step may assemble and self-test a large model
+        self.delivery.start()  # resumes interrupted deliveries: their work goes to that worker
         self.uplink.start()
         if self.sensors is not self.uplink:
             self.sensors.start()
@@ -174,7 +177,7 @@ class Agent:
         self.uplink.stop()
         self.publisher.stop()
         self.requests.stop()
-        for name in ("publisher", "telemetry", "requests"):
+        for name in ("publisher", "telemetry", "requests", "delivery"):
             self.supervisor.join(name, 2)
         left = self.outbox.stats().depth
         self.outbox.close()
@@ -186,7 +189,7 @@ class Agent:
     def _problems(self) -> list[str]:
         """For the watchdog: the threads the supervisor does not run, alive."""
         threads = {"uplink": self.uplink.thread, "sensors": self.sensors.thread,
-                   "outbox writer": self.outbox.writer, "delivery": self.delivery.worker}
+                   "outbox writer": self.outbox.writer}
         return [f"{name} thread is not running" for name, thread in threads.items()
                 if thread is not None and not thread.is_alive() and not self._stopping.is_set()]
 

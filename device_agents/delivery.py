@@ -97,7 +97,6 @@ class DeliveryManager:
         self._received: list[str] = []  # chunks stored, their subscriptions not yet dropped
         self._lock = threading.RLock()
         self._queue: queue.Queue[Message | None] = queue.Queue(maxsize=4 * WINDOW + 16)
-        self._worker = threading.Thread(target=self._loop, name="edgefleet-delivery", daemon=True)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -112,14 +111,10 @@ class DeliveryManager:
             dep.chunks = [tuple(c) for c in dep.chunks]  # type: ignore[misc]
             log.info("resuming delivery %s of %s %s", dep.id, dep.name, dep.version)
             self._begin(dep)
-        self._worker.start()
 
     def stop(self) -> None:
         self._queue.put(None)
 
-    @property
-    def worker(self) -> threading.Thread:
-        return self._worker
 
     # -- the deploy request (request worker thread) ------------------------------------------
 
@@ -233,8 +228,17 @@ class DeliveryManager:
             log.warning("delivery queue full; chunk %s will come again", msg.topic[:120])
             self.transport.drop("the delivery queue is full")
 
-    def _loop(self) -> None:
-        while (item := self._queue.get()) is not None:
+    def loop(self, beat: Callable[[], None] = lambda: None) -> None:
+        """The delivery worker (the agent runs it supervised): stores chunks, finishes
+        deliveries. Until stop()."""
+        while True:
+            beat()
+            try:
+                item = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if item is None:
+                return
             try:
                 if isinstance(item, _Complete):
                     self._finish(item.deployment)
@@ -316,8 +320,18 @@ class DeliveryManager:
         self.on_models_changed()
         self.chunks.drop_loose(offsets)  # after the news: the installed file holds them now
         log.info("activated %s %s", dep.name, dep.version)
-        threading.Thread(target=self._watch_health, args=(dep, model), daemon=True,
+        threading.Thread(target=self._guarded_watch, args=(dep, model), daemon=True,
                          name=f"edgefleet-health-{dep.name}").start()
+
+    def _guarded_watch(self, dep: Deployment, model: Model) -> None:
+        """One health window on a thread of its own (it sleeps through the window); a failure
+        of the watch itself is logged with its traceback and reported in the model's state,
+        never a silent end."""
+        try:
+            self._watch_health(dep, model)
+        except Exception as exc:
+            log.exception("health watch of %s %s failed", dep.name, dep.version)
+            self._state(dep, "active", 1.0, error=f"health watch failed: {exc!r}")
 
     def _assemble(self, dep: Deployment, path: Path) -> None:
         """Write the model file from its chunks, durably, in steps of FLUSH_BYTES.

@@ -42,7 +42,9 @@ ROW_OVERHEAD = 64  # bytes counted per row besides topic and payload (ids, times
 # in that window only publishes the row once more, which QoS 1 allows.
 ACK_IDLE_S = 0.1
 Durable = Callable[[bool], None]
-_Put = tuple[str, bytes, int, bool, float, Durable | None]  # topic, payload, qos, retain, created, cb
+# topic, payload, qos, retain, created, cb, MQTT 5 correlation data (of a response)
+_Put = tuple[str, bytes, int, bool, float, Durable | None, bytes | None]
+_Stored = tuple[str, bytes, int, int, float, int, bytes | None]  # ..., size, correlation
 _Item = tuple[str, Any]  # ("put", _Put), ("ack" | "dead", row id), ("wake" | "stop", None)
 
 
@@ -54,6 +56,7 @@ class Row:
     qos: int
     retain: bool
     created: float
+    correlation: bytes | None = None  # MQTT 5 correlation data a response carries back
 
 
 @dataclass
@@ -88,7 +91,11 @@ class Outbox:
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.execute("CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT,"
                          " topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL,"
-                         " retain INTEGER NOT NULL, created REAL NOT NULL, size INTEGER NOT NULL)")
+                         " retain INTEGER NOT NULL, created REAL NOT NULL, size INTEGER NOT NULL,"
+                         " correlation BLOB)")
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(outbox)")}
+        if "correlation" not in columns:  # an outbox written by an agent before responses
+            self._db.execute("ALTER TABLE outbox ADD COLUMN correlation BLOB")
         self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY,"
                          " value INTEGER NOT NULL)")
         depth, size = self._db.execute("SELECT count(*), coalesce(sum(size), 0) FROM outbox").fetchone()
@@ -122,7 +129,8 @@ class Outbox:
     # -- the callers' side -------------------------------------------------------------------
 
     def put(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
-            on_durable: Durable | None = None, defer: bool = False) -> None:
+            on_durable: Durable | None = None, defer: bool = False,
+            correlation: bytes | None = None) -> None:
         """Queue a message for the disk; never blocks. on_durable(stored) follows the commit.
 
         defer=True: the caller commits it soon itself (`commit_deferred`), so the writer thread
@@ -130,7 +138,7 @@ class Outbox:
         """
         with self._lock:
             self._queued_seq += 1
-        item = ("put", (topic, payload, qos, retain, time.time(), on_durable))
+        item = ("put", (topic, payload, qos, retain, time.time(), on_durable, correlation))
         if defer:
             self._deferred.append(item)
         else:
@@ -198,9 +206,10 @@ class Outbox:
         """Rows after `after_id`, oldest first (the publisher's next batch)."""
         with self._read_lock:
             rows = self._reader.execute(
-                "SELECT id, topic, payload, qos, retain, created FROM outbox WHERE id > ? "
+                "SELECT id, topic, payload, qos, retain, created, correlation FROM outbox WHERE id > ? "
                 "ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
-        return [Row(r[0], r[1], bytes(r[2]), r[3], bool(r[4]), r[5]) for r in rows]
+        return [Row(r[0], r[1], bytes(r[2]), r[3], bool(r[4]), r[5],
+                    None if r[6] is None else bytes(r[6])) for r in rows]
 
     def stats(self) -> OutboxStats:
         with self._read_lock:
@@ -324,9 +333,9 @@ class Outbox:
                 self._sizes.pop(row_id, None)
 
     def _insert(self, puts: list[_Put], callbacks: list[tuple[Durable, bool]]) -> int:
-        rows: list[tuple[str, bytes, int, int, float, int]] = []
+        rows: list[_Stored] = []
         stored = 0
-        for topic, payload, qos, retain, created, cb in puts:
+        for topic, payload, qos, retain, created, cb, correlation in puts:
             size = len(topic) + len(payload) + ROW_OVERHEAD
             if self._bytes + size > self.max_bytes:
                 stored += self._write_rows(rows)  # what is pending must be on disk to be dropped
@@ -336,21 +345,21 @@ class Outbox:
                     if cb is not None:
                         callbacks.append((cb, True))  # handled: dropped and counted, not retried
                     continue
-            rows.append((topic, payload, qos, int(retain), created, size))
+            rows.append((topic, payload, qos, int(retain), created, size, correlation))
             self._bytes += size
             self._depth += 1
             if cb is not None:
                 callbacks.append((cb, True))
         return stored + self._write_rows(rows)
 
-    def _write_rows(self, rows: list[tuple[str, bytes, int, int, float, int]]) -> int:
+    def _write_rows(self, rows: list[_Stored]) -> int:
         if rows:
             first = self._next_id
             self._db.executemany("INSERT INTO outbox (id, topic, payload, qos, retain, created, "
-                                 "size) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                 "size, correlation) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                  [(first + i, *row) for i, row in enumerate(rows)])
             self._next_id += len(rows)
-            self._pending_rows += [Row(first + i, r[0], r[1], r[2], bool(r[3]), r[4])
+            self._pending_rows += [Row(first + i, r[0], r[1], r[2], bool(r[3]), r[4], r[6])
                                    for i, r in enumerate(rows)]
             for i, r in enumerate(rows):
                 self._sizes[first + i] = r[5]

@@ -95,8 +95,10 @@ class Publisher:
             rows = self.outbox.take(self._last_row, room)
             for row in rows:
                 try:
-                    sent = self.transport.publish(row.topic, row.payload, qos=row.qos,
-                                                  retain=row.retain)
+                    sent = self.transport.publish(
+                        row.topic, row.payload, qos=row.qos, retain=row.retain,
+                        properties=None if row.correlation is None
+                        else {"CorrelationData": row.correlation})
                 except PublishRefusedError as exc:
                     self._dead_letter(row.id, row.topic, str(exc))
                     self._last_row = row.id

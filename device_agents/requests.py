@@ -3,7 +3,9 @@
 Every request on `request/+` ends in exactly one response, then its acknowledgement: a bad
 command name, a payload that is not a request, a handler that fails, a full queue and a
 response topic no broker takes (an MQTT 5 ResponseTopic with wildcards falls back to the
-contract's own) each get an error response, never silence.
+contract's own) each get an error response, never silence. The response goes through the disk
+outbox like a result, and the request is acknowledged once it is durable: a crash in between
+leaves the request with the broker, which delivers it again.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from typing import Any
 
 from device_agents import protocol
 from device_agents.intake import IDLE_BEAT_S, message_size
+from device_agents.outbox import Outbox
 from device_agents.protocol import ProtocolError, Topics
 from device_agents.queues import BudgetFull, ByteBudgetQueue
 from device_agents.router import RequestError, Router
-from device_agents.transport import Message, PublishRefusedError, Transport
+from device_agents.transport import Message
 from runtime.errors import EdgefleetError
 
 log = logging.getLogger("edgefleet.requests")
@@ -28,15 +31,15 @@ QUEUE_BYTES = 16 << 20
 
 
 class RequestWorker:
-    def __init__(self, router: Router, topics: Topics, transport: Transport, max_bytes: int,
-                 handled: Callable[[Message], None], beat: Callable[[], None] = lambda: None
-                 ) -> None:
-        self.router, self.topics, self.transport = router, topics, transport
-        self.max_bytes, self.handled, self.beat = max_bytes, handled, beat
+    def __init__(self, router: Router, topics: Topics, outbox: Outbox, max_bytes: int,
+                 handled: Callable[[Message], None], unstored: Callable[[Message], None],
+                 beat: Callable[[], None] = lambda: None) -> None:
+        self.router, self.topics, self.outbox = router, topics, outbox
+        self.max_bytes, self.handled, self.unstored, self.beat = max_bytes, handled, unstored, beat
         self.queue: ByteBudgetQueue[Message] = ByteBudgetQueue(QUEUE_REQUESTS, QUEUE_BYTES,
                                                                message_size)
         self._stopping = False
-        self.refused = 0  # responses no broker would take
+        self.refused = 0  # response topics no broker would take (the next one was used)
 
     def offer(self, msg: Message) -> None:
         """paho's thread: queue the request, or answer it as busy at once."""
@@ -81,32 +84,34 @@ class RequestWorker:
 
     def _answer(self, msg: Message, transaction: Any, status: str, data: Any,
                 error: str | None) -> None:
-        """Publish the response (to the MQTT 5 response topic when it is one a broker takes),
-        then acknowledge the request, whatever happened."""
+        """Put the response in the outbox (for the MQTT 5 response topic when it is one a broker
+        takes); the request is acknowledged once it is durable."""
         try:
             payload = protocol.response(transaction, status, data, error)
-            for topic in self._response_topics(msg):
-                props = {"CorrelationData": msg.correlation_data} if msg.correlation_data else None
-                try:
-                    self.transport.publish(topic, payload, qos=1, properties=props)
-                    break
-                except PublishRefusedError as exc:
-                    self.refused += 1
-                    log.warning("response to %s refused: %s", msg.topic[:120], exc)
-        finally:
-            self.handled(msg)
+        except Exception as exc:  # data the encoder refuses: still one answer
+            log.exception("response to %s could not be encoded", msg.topic[:120])
+            payload = protocol.response(transaction, "error", None, f"internal error: {exc!r}")
 
-    def _response_topics(self, msg: Message) -> list[str]:
-        """Where the response may go, best first: the caller's MQTT 5 response topic, the
-        contract's response/{command}, and for a command name no topic may hold, the error topic."""
-        topics = []
+        def durable(stored: bool) -> None:
+            (self.handled if stored else self.unstored)(msg)
+
+        self.outbox.put(self._response_topic(msg), payload, qos=1, on_durable=durable,
+                        correlation=msg.correlation_data)
+
+    def _response_topic(self, msg: Message) -> str:
+        """Where the response goes: the caller's MQTT 5 response topic when a broker takes it,
+        else the contract's response/{command}, or for a command name no topic may hold, the
+        error topic."""
         if msg.response_topic:
-            topics.append(msg.response_topic)
+            try:
+                return protocol.check_publish_topic(msg.response_topic)
+            except ProtocolError as exc:
+                self.refused += 1
+                log.warning("response topic of %s refused: %s", msg.topic[:120], exc)
         try:
-            topics.append(self.topics.response(self.topics.command_of(msg.topic) or ""))
+            return self.topics.response(self.topics.command_of(msg.topic) or "")
         except ProtocolError:
-            topics.append(self.topics.error)
-        return topics
+            return self.topics.error
 
 
 def add_agent_requests(router: Router, agent: Any) -> None:

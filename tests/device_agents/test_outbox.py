@@ -225,3 +225,53 @@ def test_a_failed_commit_on_the_callers_thread_does_not_raise(tmp_path: Path) ->
     box.put("t/b", b"y", on_durable=lambda ok: done.set())
     assert done.wait(5)
     box.close()
+
+
+def test_a_response_keeps_its_correlation_data_across_a_restart(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db")
+    box.put("t/response", b"{}", correlation=b"\x00corr-42")
+    box.put("t/result", b"{}")
+    assert box.flush(10)
+    assert [r.correlation for r in box.take(0, 10)] == [b"\x00corr-42", None]  # fresh, in memory
+    box.close()
+    again = Outbox(tmp_path / "o.db")
+    assert [r.correlation for r in again.peek(0, 10)] == [b"\x00corr-42", None]  # from disk
+    again.close()
+
+
+def test_an_outbox_of_an_older_agent_is_read_and_gains_the_new_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "o.db")
+    db.execute("CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,"
+               " payload BLOB NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL,"
+               " created REAL NOT NULL, size INTEGER NOT NULL)")
+    db.execute("INSERT INTO outbox (topic, payload, qos, retain, created, size) "
+               "VALUES ('t/old', x'7b7d', 1, 0, ?, 70)", (time.time(),))
+    db.commit()
+    db.close()
+    box = Outbox(tmp_path / "o.db")
+    rows = box.peek(0, 10)
+    assert [(r.topic, r.payload, r.correlation) for r in rows] == [("t/old", b"{}", None)]
+    box.put("t/new", b"{}", correlation=b"c")
+    assert box.flush(10)
+    assert [r.correlation for r in box.peek(0, 10)] == [None, b"c"]
+    box.close()
+
+
+def test_a_dead_letter_leaves_at_once_and_is_counted(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db")
+    _fill(box, 3)
+    first = box.peek(0, 1)[0]
+    box.dead_letter(first.id)
+    deadline = time.monotonic() + 5
+    while len(box.peek(0, 10)) != 2 and time.monotonic() < deadline:  # committed
+        time.sleep(0.01)
+    stats = box.stats()
+    assert stats.depth == 2
+    assert stats.dropped_by == {"dead_letter": 1}
+    assert [r.topic for r in box.peek(0, 10)] == ["t/m1", "t/m2"]
+    box.close()
+    again = Outbox(tmp_path / "o.db")
+    assert again.stats().dropped_by == {"dead_letter": 1}  # the count survives a restart
+    again.close()

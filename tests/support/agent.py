@@ -36,18 +36,43 @@ def write_config(path: Path, *, device_id: str, broker_url: str, data_dir: Path,
     return path
 
 
+# Runs the real `edgefleet agent run` with one method of the agent's code made to raise: on its
+# first call only ("once"), or on every call ("always"). A fault injected from the test side, so
+# the product carries no hook for it.
+_INJECT = """
+import importlib, sys
+module, cls, method, mode = sys.argv[1:5]
+owner = getattr(importlib.import_module(module), cls)
+real = getattr(owner, method)
+calls = []
+def faulty(*args, **kwargs):
+    calls.append(1)
+    if mode == "always" or len(calls) == 1:
+        raise RuntimeError(f"injected fault in {cls}.{method}")
+    return real(*args, **kwargs)
+setattr(owner, method, faulty)
+from edgefleet.cli import main
+sys.argv = ["edgefleet", *sys.argv[5:]]
+main()
+"""
+
+
 class AgentProcess:
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, env: dict[str, str] | None = None,
+                 inject: tuple[str, str, str, str] | None = None) -> None:
         self.config = config
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
         self.log_path = config.with_suffix(f".{uuid.uuid4().hex[:6]}.log")
+        self.inject = inject  # (module, class, method, "once" | "always")
 
     def start(self) -> AgentProcess:
         self.log = open(self.log_path, "w")  # noqa: SIM115  # closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgefleet.cli", "agent", "run", "--config", str(self.config)],
-            stdout=self.log, stderr=subprocess.STDOUT, text=True, env=self.env)
+        run = ["agent", "run", "--config", str(self.config)]
+        command = ([sys.executable, "-c", _INJECT, *self.inject, *run] if self.inject
+                   else [sys.executable, "-m", "edgefleet.cli", *run])
+        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
+                                     text=True, env=self.env)
         return self
 
     def stop(self, *, kill: bool = False, timeout: float = 30) -> int:
