@@ -129,6 +129,17 @@ def test_every_hostile_message_ends_in_one_error_and_nothing_behind_it_stalls(
                 assert "over the" in doc["message"]
                 topic, doc = _next(watcher, ("/error", "/out/cam"))
             assert doc["id"] == f"after-big-{rounds}", doc
+        # more oversize messages than Mosquitto's default in-flight window (20): had the limit
+        # been announced as the Maximum Packet Size, Mosquitto 2.0.11 would drop each but keep
+        # it in flight, and the 21st would stop all delivery to the agent for good
+        just_over = b'{"data": [' + b"1.0," * 270_000 + b"1.0]}"  # 1.08 MB
+        for _ in range(21):
+            watcher.send("cam", just_over)
+        watcher.send("cam", {"id": "after-21", "data": image})
+        for _ in range(21):
+            topic, doc = _next(watcher, ("/error", "/out/cam"))
+            assert (topic.endswith("/error"), doc["code"]) == (True, "bad_payload"), doc
+        assert _next(watcher, ("/error", "/out/cam"))[1]["id"] == "after-21"
         rss_end = _rss(agent)
         assert rss_end - rss_start < 5 * 2**20, (rss_start, rss_end)
 
