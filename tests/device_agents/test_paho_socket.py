@@ -239,3 +239,62 @@ def test_publishing_from_many_threads_over_a_full_socket_keeps_every_packet_whol
             t.stop()
             reader.loop_stop()
             reader.disconnect()
+
+
+def test_a_packet_over_the_limit_is_cut_to_its_head_and_its_body_never_held(broker: Any) -> None:
+    """max_packet_bytes on a real connection: a larger PUBLISH arrives as its head with its real
+    size in `oversize`, each piece of its body read and dropped; the messages around it are whole
+    (the hooks `_sock_recv` and `_handle_publish` are in use)."""
+    from device_agents.paho_socket import HEAD_BYTES
+
+    topic = f"test/oversize/{uuid.uuid4().hex[:8]}"
+    got: list[Message] = []
+    t = Transport(BrokerConfig(url=broker.url), f"os-{uuid.uuid4().hex[:8]}",
+                  subscriptions=[topic], on_message=got.append, max_packet_bytes=20_000,
+                  announce_max_packet=False)
+    t.start()
+    sender = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    reads: list[int] = []
+    try:
+        assert t.wait_connected(15), t.last_error
+        assert t.wait_subscribed(15)
+        outer = t._client._sock
+        assert isinstance(outer, ReadAheadSocket)
+
+        class Recorder:  # the OS socket under the read-ahead: how much each read asks for
+            def __init__(self, sock: Any) -> None:
+                self.sock = sock
+
+            def recv(self, size: int) -> bytes:
+                reads.append(size)
+                return self.sock.recv(size)  # type: ignore[no-any-return]
+
+            def recv_into(self, buf: Any) -> int:
+                reads.append(len(buf))
+                return self.sock.recv_into(buf)  # type: ignore[no-any-return]
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.sock, name)
+
+        outer._sock = Recorder(outer._sock)
+        sender.connect(broker.host, broker.port)
+        sender.loop_start()
+        big = bytes(range(256)) * 4000  # 1 MB
+        for body in (b"before", big, b"after", big, b"last"):
+            sender.publish(topic, body, qos=1)
+        deadline = time.monotonic() + 30
+        while len(got) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [m.payload for m in got if not m.oversize] == [b"before", b"after", b"last"]
+        cut = [m for m in got if m.oversize]
+        assert len(cut) == 2
+        for m in cut:
+            assert m.oversize > len(big)
+            assert len(m.payload) < HEAD_BYTES
+            assert big.startswith(m.payload)
+            assert m.topic == topic
+        assert max(reads) <= READ_SIZE  # never one read of the whole body
+    finally:
+        sender.loop_stop()
+        sender.disconnect()
+        t.stop()
