@@ -37,17 +37,19 @@ def write_config(path: Path, *, device_id: str, broker_url: str, data_dir: Path,
 
 
 # Runs the real `edgefleet agent run` with one method of the agent's code made to raise: on its
-# first call only ("once"), or on every call ("always"). A fault injected from the test side, so
-# the product carries no hook for it.
+# first call only ("once"), or on every call ("always"); or to hang on its first call ("hang").
+# The fault is injected from the test side, so the product carries no hook for it.
 _INJECT = """
-import importlib, sys
+import importlib, sys, threading
 module, cls, method, mode = sys.argv[1:5]
 owner = getattr(importlib.import_module(module), cls)
 real = getattr(owner, method)
 calls = []
 def faulty(*args, **kwargs):
     calls.append(1)
-    if mode == "always" or len(calls) == 1:
+    if mode == "hang" and len(calls) == 1:
+        threading.Event().wait()
+    if mode == "always" or (mode == "once" and len(calls) == 1):
         raise RuntimeError(f"injected fault in {cls}.{method}")
     return real(*args, **kwargs)
 setattr(owner, method, faulty)
@@ -64,7 +66,7 @@ class AgentProcess:
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
         self.log_path = config.with_suffix(f".{uuid.uuid4().hex[:6]}.log")
-        self.inject = inject  # (module, class, method, "once" | "always")
+        self.inject = inject  # (module, class, method, "once" | "always" | "hang")
 
     def start(self) -> AgentProcess:
         self.log = open(self.log_path, "w")  # noqa: SIM115  # closed in stop()
