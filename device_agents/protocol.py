@@ -16,8 +16,9 @@ import binascii
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 import msgspec
 import numpy as np
@@ -57,6 +58,7 @@ MAX_TEXT: Final = 4096  # characters of a free-text field (an error message, an 
 MAX_ITEMS: Final = 4096  # entries of a list in a status or a state (groups, models)
 MAX_TOPIC_BYTES: Final = 1024  # MQTT allows 65,535; no topic of ours comes near this
 _INT64: Final = (1 << 63) - 1
+_T = TypeVar("_T")
 
 
 class ProtocolError(Exception):
@@ -553,30 +555,21 @@ class Response(_Doc, kw_only=True):
     error: Any = None
 
 
-_decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {
-    kind: msgspec.json.Decoder(kind) for kind in (Status, Telemetry, Result, ModelState, Response)}
+def _typed(kind: type[_T], what: str) -> Callable[[bytes], _T]:
+    """The parser of one payload kind: a typed decode, every failure a ProtocolError."""
+    decoder = msgspec.json.Decoder(kind)
+
+    def parse(payload: bytes) -> _T:
+        value: _T = _decode(decoder, payload, what)
+        return value
+
+    parse.__name__ = parse.__qualname__ = f"parse_{what.replace(' ', '_')}"
+    parse.__doc__ = f"A {what} payload, typed; ProtocolError(bad_payload) for anything else."
+    return parse
 
 
-def parse_status(payload: bytes) -> Status:
-    value: Status = _decode(_decoders[Status], payload, "status")
-    return value
-
-
-def parse_telemetry(payload: bytes) -> Telemetry:
-    value: Telemetry = _decode(_decoders[Telemetry], payload, "telemetry")
-    return value
-
-
-def parse_result(payload: bytes) -> Result:
-    value: Result = _decode(_decoders[Result], payload, "result")
-    return value
-
-
-def parse_model_state(payload: bytes) -> ModelState:
-    value: ModelState = _decode(_decoders[ModelState], payload, "model state")
-    return value
-
-
-def parse_response(payload: bytes) -> Response:
-    value: Response = _decode(_decoders[Response], payload, "response")
-    return value
+parse_status = _typed(Status, "status")
+parse_telemetry = _typed(Telemetry, "telemetry")
+parse_result = _typed(Result, "result")
+parse_model_state = _typed(ModelState, "model state")
+parse_response = _typed(Response, "response")
