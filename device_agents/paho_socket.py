@@ -34,14 +34,18 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
 
 READ_SIZE = 64 * 1024  # bytes per recv: many small packets at once, a modest buffer
-HEAD_BYTES = 8192  # what is kept of an oversize PUBLISH: its topic and packet id
+# What is kept of an oversize PUBLISH: enough for any topic (2 + 65,535 bytes) and its packet id.
+HEAD_BYTES = 2 + 65535 + 2
+CONTROL_MAX = 64 * 1024  # any other packet larger than this (a hostile broker's): drop the link
 _PUBLISH = 0x30
+_DISCONNECT = 0xE0
 
 
 class ReadAheadSocket:
@@ -98,6 +102,14 @@ class ReadAheadSocket:
         return getattr(self._sock, name)
 
 
+def _head_only(command: int, head: bytes, v5: bool) -> bytes:
+    """The variable header of a PUBLISH cut to its head: topic and packet id, no properties
+    (MQTT 5: an empty property list), no payload. The head always holds the topic (HEAD_BYTES)."""
+    topic_end = 2 + int.from_bytes(head[:2], "big")
+    end = topic_end + (2 if command & 0x06 else 0)  # QoS 1 and 2 carry a packet id
+    return head[:end] + (b"\x00" if v5 else b"")
+
+
 class Client(mqtt.Client):
     """paho's MQTT client reading through a ReadAheadSocket, writing under one lock."""
 
@@ -120,18 +132,30 @@ class Client(mqtt.Client):
                 if not dropped:
                     return b""
                 self._discard -= len(dropped)
+                with self._msgtime_mutex:  # bytes are flowing: not a dead link for keepalive
+                    self._last_bytes_received = time.monotonic()
         limit = self.max_packet_bytes
         if (limit and packet["have_remaining"] and bufsize > limit
-                and bufsize == packet["to_process"] == packet["remaining_length"]
-                and packet["command"] & 0xF0 == _PUBLISH):
-            head = min(bufsize, HEAD_BYTES)
-            self._discard, self._truncated = bufsize - head, bufsize
-            packet["remaining_length"] = packet["to_process"] = bufsize = head
+                and bufsize == packet["to_process"] == packet["remaining_length"]):
+            if packet["command"] & 0xF0 != _PUBLISH:
+                if bufsize > CONTROL_MAX:  # no control packet of ours comes near this
+                    return b""  # read as the end of the connection
+            else:
+                head = min(bufsize, HEAD_BYTES)
+                self._discard, self._truncated = bufsize - head, bufsize
+                packet["remaining_length"] = packet["to_process"] = bufsize = head
         data: bytes = super()._sock_recv(bufsize)
         return data
 
     def _handle_publish(self) -> MQTTErrorCode:
+        """paho's, with an oversize PUBLISH rebuilt first from its topic and packet id alone
+        (its properties and payload are not all here: paho would call it malformed, drop the
+        connection, and the broker would deliver it again after every reconnect)."""
         self.oversize, self._truncated = self._truncated, 0
+        if self.oversize:
+            self._in_packet["packet"] = bytearray(_head_only(
+                self._in_packet["command"], bytes(self._in_packet["packet"]),
+                self._protocol == mqtt.MQTTv5))
         try:
             rc: MQTTErrorCode = super()._handle_publish()
             return rc
@@ -139,7 +163,18 @@ class Client(mqtt.Client):
             self.oversize = 0
 
     def _create_socket(self) -> Any:
+        """A new connection: nothing of an oversize packet cut on the old one carries over."""
+        self._discard = self._truncated = self.oversize = 0
         return ReadAheadSocket(super()._create_socket())
+
+    def _calls_back_on_write(self) -> bool:
+        """Whether writing what is queued makes paho call back (on_publish for a QoS 0 PUBLISH,
+        on_disconnect for DISCONNECT) under its callback lock, taken blocking. Such a write is
+        left to the network thread: done inline, by a thread holding a lock the network thread
+        waits for inside a callback (the acknowledgement order's), it would deadlock."""
+        return any(p["command"] == _DISCONNECT
+                   or (p["command"] & 0xF0 == _PUBLISH and p["qos"] == 0)
+                   for p in self._out_packet)
 
     def loop_write(self) -> MQTTErrorCode:
         """One writer at a time: a packet is written whole before the next one starts."""
@@ -154,6 +189,7 @@ class Client(mqtt.Client):
                                  "to_process": len(packet), "packet": packet, "info": info})
         rc = MQTTErrorCode.MQTT_ERR_SUCCESS
         if (self._thread is None and self._on_socket_register_write is None
+                and not self._calls_back_on_write()
                 and self._in_callback_mutex.acquire(False)):  # not inside a paho callback
             self._in_callback_mutex.release()
             rc = self.loop_write()

@@ -298,3 +298,53 @@ def test_a_packet_over_the_limit_is_cut_to_its_head_and_its_body_never_held(brok
         sender.loop_stop()
         sender.disconnect()
         t.stop()
+
+
+def test_an_oversize_message_with_a_long_topic_and_big_properties_is_still_cut_cleanly(
+        broker: Any) -> None:
+    """The head holds any topic, and the properties it cut are dropped: paho never sees a
+    malformed packet, which would drop the link and have the broker redeliver it for ever."""
+    root = f"test/oversize/{uuid.uuid4().hex[:8]}"
+    long_topic = f"{root}/{'s' * 9000}"
+    got: list[Message] = []
+    t = Transport(BrokerConfig(url=broker.url), f"os-{uuid.uuid4().hex[:8]}",
+                  subscriptions=[f"{root}/#"], on_message=got.append, max_packet_bytes=20_000,
+                  announce_max_packet=False)
+    t.start()
+    v5 = getattr(broker, "mqtt5", True)
+    sender = mqtt.Client(CallbackAPIVersion.VERSION2,
+                         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
+    try:
+        assert t.wait_connected(15), t.last_error
+        assert t.wait_subscribed(15)
+        sender.connect(broker.host, broker.port)
+        sender.loop_start()
+        props = None
+        if v5:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.UserProperty = [("k", "v" * 30_000)]
+        sender.publish(long_topic, b"x" * 50_000, qos=1, properties=props)
+        sender.publish(f"{root}/after", b"after", qos=1)
+        deadline = time.monotonic() + 30
+        while len(got) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [(m.topic, m.oversize > 50_000, m.payload) for m in got] == [
+            (long_topic, True, b""), (f"{root}/after", False, b"after")]
+        assert t.connects == 1  # never dropped
+    finally:
+        sender.loop_stop()
+        sender.disconnect()
+        t.stop()
+
+
+def test_a_new_connection_starts_with_no_discard_left_from_the_old_one(broker: Any) -> None:
+    client = Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311, max_packet_bytes=1000)
+    client._discard, client._truncated = 8027, 20_000  # as a link lost mid-discard leaves them
+    client.connect(broker.host, broker.port)
+    try:
+        assert (client._discard, client._truncated, client.oversize) == (0, 0, 0)
+    finally:
+        client.disconnect()
