@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from typing import Any, Protocol
 
 
@@ -36,14 +37,14 @@ class AckSequencer:
         self.transport = transport
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
-        self._order: dict[int, list[Any]] = {}  # token -> [mid, qos, generation, done]
+        self._order: dict[int, list[Any]] = {}  # token -> [mid, qos, generation, done, since]
         self._tokens = itertools.count()
         self._next = 0
 
     def register(self, msg: _Received) -> int:
         with self._lock:
             token = next(self._tokens)
-            self._order[token] = [msg.mid, msg.qos, msg.generation, False]
+            self._order[token] = [msg.mid, msg.qos, msg.generation, False, time.monotonic()]
             return token
 
     def done(self, token: int) -> None:
@@ -57,13 +58,20 @@ class AckSequencer:
                 while self._next in self._order and self._order[self._next][3]:
                     ready.append(self._order.pop(self._next))
                     self._next += 1
-            for mid, qos, generation, _ in ready:
+            for mid, qos, generation, _, _ in ready:
                 self.transport.ack(mid, qos, generation)
 
     def waiting(self) -> int:
         """Messages registered and not yet acknowledged (a stalled sequence shows here)."""
         with self._lock:
             return len(self._order)
+
+    def oldest_wait_s(self) -> float:
+        """How long the message at the head of the order has waited for its answer: every later
+        acknowledgement waits behind it, so a long wait is a stalled connection."""
+        with self._lock:
+            head = self._order.get(self._next)
+            return 0.0 if head is None else time.monotonic() - head[4]
 
     def reset(self) -> None:
         """A new connection: the broker redelivers what was not acknowledged on the old one."""

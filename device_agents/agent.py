@@ -57,6 +57,9 @@ AGENT_VERSION = "edgefleet-agent/0.1"
 SENSORS_READY_S = 30.0  # longest "online" waits for a sensor broker of its own to take the SUBSCRIBE
 HEAP_TRIM_S = 1.0  # how often freed heap is handed back to the OS (cheap: see health)
 BEAT_S = 30.0  # a worker that has not beaten for this long is stalled (see supervise)
+# A message unanswered this long holds every acknowledgement behind it: whatever the cause, the
+# watchdog stops pinging, systemd restarts the agent, and the broker delivers the message again.
+ACK_STALL_S = 120.0
 PAHO_QUEUE = 4 * PUBLISH_WINDOW  # paho's own queue: rows wait in the outbox, not in memory
 
 
@@ -188,10 +191,17 @@ class Agent:
 
     def _problems(self) -> list[str]:
         """For the watchdog: the threads the supervisor does not run, alive."""
+        if self._stopping.is_set():
+            return []
         threads = {"uplink": self.uplink.thread, "sensors": self.sensors.thread,
                    "outbox writer": self.outbox.writer}
-        return [f"{name} thread is not running" for name, thread in threads.items()
-                if thread is not None and not thread.is_alive() and not self._stopping.is_set()]
+        problems = [f"{name} thread is not running" for name, thread in threads.items()
+                    if thread is not None and not thread.is_alive()]
+        for name, acks in (("sensor", self.sensor_acks), ("uplink", self.uplink_acks)):
+            if acks.oldest_wait_s() > ACK_STALL_S:
+                problems.append(f"{name} acknowledgements stalled: a message unanswered for "
+                                f"over {ACK_STALL_S:g} s")
+        return problems
 
     # -- models ------------------------------------------------------------------------------
 

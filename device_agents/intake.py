@@ -135,7 +135,20 @@ class Intake:
         return batcher
 
     def _answer(self, msg: Message, stream: str, msg_id: Any, ts_in: float, pending: Pending) -> None:
-        """On the batcher's thread: the result (or error) goes to the outbox."""
+        """On the batcher's thread (or the intake worker's): the result or the error goes to the
+        outbox. An answer that cannot be built (a model whose outputs cannot be scored or
+        encoded) is the model's error, still one answer."""
+        try:
+            self._build_answer(msg, stream, msg_id, ts_in, pending)
+        except Exception as exc:
+            log.exception("the answer to %s could not be built", msg.topic[:120])
+            if pending.exception(0) is None:  # the model answered: its answer is the fault
+                pending.result(0).model.metrics.record_error()
+            self.error(msg, stream, protocol.MODEL_ERROR, f"the model's answer could not be "
+                       f"made into a result: {exc!r}", msg_id)
+
+    def _build_answer(self, msg: Message, stream: str, msg_id: Any, ts_in: float,
+                      pending: Pending) -> None:
         error = pending.exception(0)
         if error is not None:
             if isinstance(error, ClosedError):

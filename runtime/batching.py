@@ -14,6 +14,7 @@ hand-offs (one object instead of two measured 1.06x the throughput).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -26,6 +27,8 @@ from runtime.errors import ClosedError, EdgefleetError, InferenceError, Overload
 from runtime.model import Model
 from runtime.schema import _new_tuple
 from runtime.slot import ModelSlot
+
+log = logging.getLogger("edgefleet.runtime")
 
 
 class BatchResult(NamedTuple):
@@ -139,7 +142,10 @@ def _wake_all(done: list[Pending]) -> None:
         pending._latch.release()
     for pending, fns in callbacks:
         for fn in fns:
-            fn(pending)
+            try:  # one callback's failure must not cost the others of the batch their answers
+                fn(pending)
+            except Exception:
+                log.exception("a request's done callback failed")
 
 
 def _nothing() -> None:

@@ -6,6 +6,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -308,6 +309,24 @@ def test_done_callbacks_run_once_each(digits_model: Model, digits_split):
     late: list[bool] = []
     pendings[0].add_done_callback(lambda done: late.append(done.done()))
     assert late == [True]  # already done: called at once, here
+
+
+def test_a_failing_done_callback_costs_its_batch_mates_nothing(digits_model: Model, digits_split,
+                                                              caplog):
+    """Callbacks of one batch run one after another: one that raises is logged, the others run."""
+    batcher = MicroBatcher(digits_model, max_batch=8, max_delay_ms=50)
+    calls: list[int] = []
+    pendings = [batcher.submit(x, wake=False) for x in digits_split.x_test[:8]]
+    for i, p in enumerate(pendings):
+        def callback(done: Any, i: int = i) -> None:
+            if i == 3:
+                raise TypeError("a callback that cannot build its answer")
+            calls.append(i)
+        p.add_done_callback(callback)
+    batcher.run_queued()  # on this thread: nothing raises out of it either
+    batcher.close()
+    assert sorted(calls) == [0, 1, 2, 4, 5, 6, 7]
+    assert "done callback failed" in caplog.text
 
 
 def test_exact_samples_and_all_other_forms_get_the_same_answers(digits_model: Model,
