@@ -187,8 +187,12 @@ class Outbox:
         if fresh and fresh[0].id == after_id + 1:
             out: list[Row] = []
             cutoff = time.time() - self.ttl_s
+            expect = after_id + 1
             while fresh and len(out) < limit:
                 row = fresh.popleft()
+                if row.id != expect:  # a commit just pushed rows out of the bounded deque:
+                    return out + self.peek(expect - 1, limit - len(out))  # read them from disk
+                expect += 1
                 if row.created >= cutoff:  # an expired row is the writer's to drop and count
                     out.append(row)
             return out
@@ -287,14 +291,17 @@ class Outbox:
                 self._count("dead_letter", dead)
             stored = self._insert(puts, callbacks)
             self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except Exception as exc:  # SQLite's, or any other: each put still hears its outcome
             self._rollback(exc)
             for row in self._pending_rows:
                 self._sizes.pop(row.id, None)
             stored = 0
             callbacks = [(put[5], False) for put in puts if put[5] is not None]
             self.write_errors += len(puts)
-            self._recount()
+            try:
+                self._recount()
+            except sqlite3.Error:  # the disk is gone: the counts wait for the next commit
+                log.exception("outbox recount after a failed write failed")
         else:
             if stored:
                 self._last_id = self._next_id - 1
@@ -407,7 +414,7 @@ class Outbox:
         self._db.execute("INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT(name) "
                          "DO UPDATE SET value = value + excluded.value", (reason, n))
 
-    def _rollback(self, exc: sqlite3.Error) -> None:
+    def _rollback(self, exc: Exception) -> None:
         log.error("outbox write failed (%s): nothing in this batch is acknowledged; sensors "
                   "will resend", exc)
         with contextlib.suppress(sqlite3.Error):

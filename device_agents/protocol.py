@@ -352,7 +352,9 @@ def _b64_tensor(value: dict[str, Any], where: str, max_bytes: int) -> np.ndarray
         raise ProtocolError(BAD_PAYLOAD, f"{where}: b64 must be a base64 string")
     wire = np.dtype(dtype).newbyteorder("<")
     expected = math.prod(shape) * wire.itemsize  # Python integers: a product never wraps
-    if expected > max_bytes or len(data) > 4 * (expected + 2) // 3 + 4:
+    # an empty tensor still needs a shape numpy can hold: bound the product of the others too
+    if (math.prod(d for d in shape if d) > max_bytes or expected > max_bytes
+            or len(data) > 4 * (expected + 2) // 3 + 4):
         raise ProtocolError(BAD_PAYLOAD, f"{where}: dtype {dtype} and shape {shape} need "
                             f"{expected} bytes; b64 holds {len(data) * 3 // 4}")
     try:

@@ -372,6 +372,7 @@ class Transport:
                 self._run_once()
             except Exception:
                 log.exception("MQTT network thread for %s failed; reconnecting", self.broker.url)
+                self._connected_at = 0.0  # a connection that failed is no stable one
                 self._client_died()
                 self._stop.wait(self.backoff.next())
         # flush the DISCONNECT written by stop()

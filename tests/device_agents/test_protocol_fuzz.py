@@ -106,6 +106,7 @@ CRAFTED = [
     json.dumps({"data": {"dtype": "float32", "shape": [2**32, 2**32], "b64": ""}}).encode(),
     json.dumps({"data": {"dtype": "float32", "shape": [2**62, 4], "b64": "AAAA"}}).encode(),
     json.dumps({"data": {"dtype": "float32", "shape": [-1, 1], "b64": "AAAA"}}).encode(),
+    json.dumps({"data": {"dtype": "float32", "shape": [0] + [10**6] * 7, "b64": ""}}).encode(),
     json.dumps({"data": {"dtype": "float32", "shape": [True], "b64": "AAAA"}}).encode(),
     json.dumps({"data": {"dtype": "float32", "shape": [1e3], "b64": "AAAA"}}).encode(),
     json.dumps({"data": {"dtype": "object", "shape": [1], "b64": "AAAA"}}).encode(),
