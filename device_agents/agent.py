@@ -103,7 +103,8 @@ class Agent:
             max_queued=PAHO_QUEUE,
             on_connect=self._uplink_connected,
             on_disconnect=lambda reason: self._on_disconnect(self.uplink),
-            on_message=self._on_message, on_published=lambda mid: self.publisher.on_published(mid))
+            on_message=self._on_message, on_published=lambda mid: self.publisher.on_published(mid),
+            on_refused=lambda mid, reason: self.publisher.on_refused(mid, reason))
         self.sensors = self.uplink if shared else Transport(
             config.sensors, f"{config.device_id}-sensors",  # type: ignore[arg-type]
             subscriptions=[self.topics.inputs], manual_ack=True, max_packet_bytes=max_packet,
@@ -118,13 +119,14 @@ class Agent:
                                    beat=lambda: self.supervisor.beat("publisher"))
         self.intake = Intake(config, self.topics, self.inference, self.outbox, self.epoch,
                              self.counters, handled=self._handled, unstored=self._unstored,
-                             beat=lambda: self.supervisor.beat("intake"))
+                             beat=lambda: self.supervisor.beat("intake"), fits=self.uplink.fits)
         self.router = Router()
         requests.add_agent_requests(self.router, self)
         self.requests = RequestWorker(self.router, self.topics, self.outbox,
                                       limits.max_payload_bytes, handled=self._handled,
                                       unstored=self._unstored,
-                                      beat=lambda: self.supervisor.beat("requests"))
+                                      beat=lambda: self.supervisor.beat("requests"),
+                                      fits=self.uplink.fits)
         self.delivery = DeliveryManager(
             self.data_dir, self.store, self.chunks, self.inference, self.uplink, self.topics,
             publish_state=self._publish_model_state, streams_of=self.streams.get,
@@ -243,8 +245,9 @@ class Agent:
             self._handled(msg)
 
     def _acks_for(self, msg: Message) -> AckSequencer:
-        on_sensors = self.sensors is not self.uplink and self.topics.stream_of(msg.topic) is not None
-        return self.sensor_acks if on_sensors else self.uplink_acks
+        """The order of the connection the message came on (not the one its topic suggests: a
+        session kept from another configuration may bring sensor topics on the uplink)."""
+        return self.sensor_acks if msg.via is self.sensors else self.uplink_acks
 
     def _handled(self, msg: Message) -> None:
         """The message is dealt with (answer durable, or refused for good): acknowledge it."""
@@ -256,8 +259,7 @@ class Agent:
         connection is dropped, so the broker delivers it again instead of every later
         acknowledgement waiting behind it."""
         self.counters["unstored"] += 1
-        transport = self.sensors if self._acks_for(msg) is self.sensor_acks else self.uplink
-        transport.drop("an answer could not be stored; the broker will redeliver")
+        (msg.via or self.uplink).drop("an answer could not be stored; the broker will redeliver")
 
     def _on_disconnect(self, transport: Transport) -> None:
         (self.sensor_acks if transport is self.sensors else self.uplink_acks).reset()

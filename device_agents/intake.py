@@ -35,19 +35,23 @@ IDLE_BEAT_S = 1.0  # an idle worker still shows it is alive this often (see supe
 
 
 def message_size(msg: Message) -> int:
-    return len(msg.payload) + len(msg.topic) + MESSAGE_OVERHEAD
+    """What a queued message costs: its payload, topic and MQTT 5 response properties."""
+    return (len(msg.payload) + len(msg.topic) + len(msg.response_topic or "")
+            + len(msg.correlation_data or b"") + MESSAGE_OVERHEAD)
 
 
 class Intake:
     def __init__(self, config: AgentConfig, topics: Topics, inference: InferenceService,
                  outbox: Outbox, epoch: int, counters: Counter[str],
                  handled: Callable[[Message], None], unstored: Callable[[Message], None],
-                 beat: Callable[[], None] = lambda: None) -> None:
+                 beat: Callable[[], None] = lambda: None,
+                 fits: Callable[[str, bytes], bool] = lambda topic, payload: True) -> None:
         self.limits = config.agent
         self.topics, self.inference, self.outbox = topics, inference, outbox
         self.epoch, self.counters, self.beat = epoch, counters, beat
         self.handled = handled  # its answer is durable: acknowledge it
         self.unstored = unstored  # its answer could not be stored (a full disk)
+        self.fits = fits  # whether the uplink's broker takes a message this size
         self.queue: ByteBudgetQueue[Message] = ByteBudgetQueue(
             config.agent.max_queue, config.agent.max_queue_bytes, message_size)
         self._seq = itertools.count(1)
@@ -101,6 +105,9 @@ class Intake:
             if msg is None:
                 if self._stopping.is_set() and self.queue.empty():
                     return  # stop() flushes the outbox: deferred results included
+                continue
+            if msg.stale:  # delivered again on the new connection: that copy is answered
+                self.counters["stale_skipped"] += 1
                 continue
             stream = self.topics.stream_of(msg.topic) or ""
             try:
@@ -162,10 +169,15 @@ class Intake:
             self.error(msg, stream, protocol.MODEL_ERROR,
                        f"model {model.name} {model.version} produced NaN or Inf", msg_id)
             return
+        topic = self.topics.output(stream)
+        payload = answers.result_payload(result, msg_id=msg_id, stream=stream, seq=next(self._seq),
+                                         epoch=self.epoch, ts_in=ts_in)
+        if not self.fits(topic, payload):  # published, it would cost the connection, again and again
+            self.error(msg, stream, protocol.MODEL_ERROR, f"the result ({len(payload)} bytes) is "
+                       "over the broker's maximum packet size", msg_id)
+            return
         self.counters["served"] += 1
-        self._to_outbox(msg, self.topics.output(stream), answers.result_payload(
-            result, msg_id=msg_id, stream=stream, seq=next(self._seq), epoch=self.epoch,
-            ts_in=ts_in))
+        self._to_outbox(msg, topic, payload)
 
     def error(self, msg: Message, stream: str | None, code: str, message: str,
               msg_id: Any = None) -> None:

@@ -343,7 +343,7 @@ class Outbox:
         rows: list[_Stored] = []
         stored = 0
         for topic, payload, qos, retain, created, cb, correlation in puts:
-            size = len(topic) + len(payload) + ROW_OVERHEAD
+            size = len(topic) + len(payload) + len(correlation or b"") + ROW_OVERHEAD
             if self._bytes + size > self.max_bytes:
                 stored += self._write_rows(rows)  # what is pending must be on disk to be dropped
                 rows = []

@@ -106,6 +106,28 @@ def check_publish_topic(topic: str) -> str:
     return topic
 
 
+MAX_CORRELATION: Final = 1024  # bytes of MQTT 5 correlation data a response carries back
+
+
+def check_response_topic(topic: str) -> str:
+    """`topic` if the agent may answer a request there (an MQTT 5 ResponseTopic), else
+    ProtocolError(bad_topic): a topic a broker takes, not a system topic, and within our root
+    only a response topic, so a requester cannot make the agent publish onto another device's
+    inputs, requests, status or the delivery blobs."""
+    check_publish_topic(topic)
+    if topic.startswith("$"):
+        raise ProtocolError(BAD_TOPIC, f"{topic[:80]!r} is a broker's system topic")
+    if topic.startswith(f"{ROOT}/"):
+        try:
+            kind = parse_topic(topic).kind
+        except ProtocolError:
+            kind = None
+        if kind != "response":
+            raise ProtocolError(BAD_TOPIC, f"{topic[:80]!r} is a topic of {ROOT} that is not a "
+                                "response topic")
+    return topic
+
+
 def check_name(value: Any, what: str, pattern: re.Pattern[str] = NAME_RE) -> str:
     """`value` if it is a name of the contract (it goes into topics and paths), else
     ProtocolError(bad_payload) naming the field."""

@@ -32,6 +32,7 @@ class Publisher:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._published: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._refused: dict[int, str] = {}  # mid -> the broker's reason, for the next pump
         self._lock = threading.Lock()
         self._inflight: dict[int, int] = {}  # mid -> outbox row id, handed to paho, no PUBACK yet
         self._last_row = 0  # the last outbox row handed to paho
@@ -64,6 +65,12 @@ class Publisher:
         if self._backlog:
             self._wake.set()
 
+    def on_refused(self, mid: int, reason: str) -> None:
+        """A PUBACK with a failure reason (MQTT 5: not authorized, quota exceeded, payload
+        format): the broker will not take the row, so it goes as a dead letter, reported."""
+        self._refused[mid] = reason
+        self.on_published(mid)
+
     def after_commit(self) -> None:
         """On the outbox's writer thread, right after a commit: the rows just made durable go
         to paho from here. Waking the publisher thread instead cost one more thread switch, and
@@ -84,8 +91,12 @@ class Publisher:
                 except queue.Empty:
                     break
                 row_id = inflight.pop(mid, None)
+                reason = self._refused.pop(mid, None)
                 if row_id is not None:
-                    self.outbox.ack(row_id)
+                    if reason is None:
+                        self.outbox.ack(row_id)
+                    else:
+                        self._dead_letter(row_id, f"row {row_id}", f"the broker refused it: {reason}")
             if not self.transport.connected:
                 return
             room = self.window - len(inflight)

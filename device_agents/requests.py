@@ -33,9 +33,11 @@ QUEUE_BYTES = 16 << 20
 class RequestWorker:
     def __init__(self, router: Router, topics: Topics, outbox: Outbox, max_bytes: int,
                  handled: Callable[[Message], None], unstored: Callable[[Message], None],
-                 beat: Callable[[], None] = lambda: None) -> None:
+                 beat: Callable[[], None] = lambda: None,
+                 fits: Callable[[str, bytes], bool] = lambda topic, payload: True) -> None:
         self.router, self.topics, self.outbox = router, topics, outbox
         self.max_bytes, self.handled, self.unstored, self.beat = max_bytes, handled, unstored, beat
+        self.fits = fits  # whether the uplink's broker takes a message this size
         self.queue: ByteBudgetQueue[Message] = ByteBudgetQueue(QUEUE_REQUESTS, QUEUE_BYTES,
                                                                message_size)
         self._stopping = False
@@ -69,12 +71,19 @@ class RequestWorker:
                 self._answer(msg, None, "error", None, f"internal error: {exc!r}")
 
     def handle(self, msg: Message) -> None:
+        if msg.stale:  # the broker delivers it again on the new connection: answer that copy
+            log.info("skipping %s from an earlier connection", msg.topic[:120])
+            return
         command = self.topics.command_of(msg.topic) or ""
         try:
             if msg.oversize:
                 raise ProtocolError(protocol.BAD_REQUEST, f"request of {msg.oversize} bytes is "
                                     f"over the {self.max_bytes}-byte limit")
             transaction, args = protocol.parse_request(msg.payload, self.max_bytes)
+            if msg.correlation_data and len(msg.correlation_data) > protocol.MAX_CORRELATION:
+                raise ProtocolError(protocol.BAD_REQUEST, f"correlation data of "
+                                    f"{len(msg.correlation_data)} bytes is over the "
+                                    f"{protocol.MAX_CORRELATION}-byte limit")
         except ProtocolError as exc:
             self._answer(msg, protocol.peek_transaction(msg.payload, self.max_bytes), "error",
                          None, str(exc))
@@ -92,11 +101,18 @@ class RequestWorker:
             log.exception("response to %s could not be encoded", msg.topic[:120])
             payload = protocol.response(transaction, "error", None, f"internal error: {exc!r}")
 
+        topic = self._response_topic(msg)
+        if not self.fits(topic, payload):
+            payload = protocol.response(transaction, "error", None, f"the response ({len(payload)} "
+                                        "bytes) is over the broker's maximum packet size")
+
         def durable(stored: bool) -> None:
             (self.handled if stored else self.unstored)(msg)
 
-        self.outbox.put(self._response_topic(msg), payload, qos=1, on_durable=durable,
-                        correlation=msg.correlation_data)
+        correlation = msg.correlation_data
+        if correlation and len(correlation) > protocol.MAX_CORRELATION:
+            correlation = None  # refused above; never stored
+        self.outbox.put(topic, payload, qos=1, on_durable=durable, correlation=correlation)
 
     def _response_topic(self, msg: Message) -> str:
         """Where the response goes: the caller's MQTT 5 response topic when a broker takes it,
@@ -104,7 +120,7 @@ class RequestWorker:
         error topic."""
         if msg.response_topic:
             try:
-                return protocol.check_publish_topic(msg.response_topic)
+                return protocol.check_response_topic(msg.response_topic)
             except ProtocolError as exc:
                 self.refused += 1
                 log.warning("response topic of %s refused: %s", msg.topic[:120], exc)

@@ -63,6 +63,16 @@ class Message:
     correlation_data: bytes | None = None
     token: int | None = None  # its place in the acknowledgement order (see acks.AckSequencer)
     oversize: int = 0  # its real size when over max_packet_bytes: payload holds only its head
+    via: Transport | None = None  # the connection it came on: its ack goes back there
+
+    @property
+    def stale(self) -> bool:
+        """A QoS 1 message of an earlier connection whose session the broker kept: it will be
+        delivered again on the new one (and answered then), so work on this copy is wasted, or
+        done twice (a rollback)."""
+        via = self.via
+        return bool(self.qos and via is not None and via.generation != self.generation
+                    and via.session_present)
 
 
 class Backoff:
@@ -105,6 +115,7 @@ class Transport:
         on_disconnect: Callable[[str], None] | None = None,
         on_message: Callable[[Message], None] | None = None,
         on_published: Callable[[int], None] | None = None,
+        on_refused: Callable[[int, str], None] | None = None,
         on_subscribed: Callable[[], None] | None = None,
         backoff: Backoff | None = None,
         max_packet_bytes: int = 0,
@@ -126,6 +137,7 @@ class Transport:
         self._on_disconnect = on_disconnect
         self._on_message = on_message
         self._on_published = on_published
+        self._on_refused = on_refused  # a PUBACK with a failure reason (MQTT 5); else on_published
         self._on_subscribed = on_subscribed
         self._connected = threading.Event()
         self._stop = threading.Event()
@@ -140,6 +152,8 @@ class Transport:
         self.announce_max_packet = announce_max_packet  # and told to MQTT 5 brokers at CONNECT
         self.max_queued = max_queued  # paho's own queue of outgoing messages; 0: unbounded
         self.callback_errors = 0
+        self.session_present = False  # of the latest connection
+        self.peer_max_packet = 0  # the broker's Maximum Packet Size (MQTT 5 CONNACK); 0: none
         self._connected_at = 0.0
         self._will = will
         self.protocol = mqtt.MQTTv5
@@ -246,6 +260,9 @@ class Transport:
             protocol.check_publish_topic(topic)
         except protocol.ProtocolError as exc:
             raise PublishRefusedError(str(exc)) from None
+        if not self.fits(topic, payload):  # the broker would drop the connection for it
+            raise PublishRefusedError(f"a message of {len(payload)} bytes is over the broker's "
+                                      f"maximum packet size ({self.peer_max_packet} bytes)")
         props = None
         if properties and self.protocol == mqtt.MQTTv5:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -344,6 +361,12 @@ class Transport:
                 self._unsubscribe_later.update(gone)
                 return
         self._client.unsubscribe(gone)
+
+    def fits(self, topic: str, payload: bytes) -> bool:
+        """Whether a PUBLISH of this topic and payload is within the broker's Maximum Packet
+        Size (with room for the fixed header, packet id and properties)."""
+        limit = self.peer_max_packet
+        return not limit or len(payload) + len(topic.encode()) + HEADROOM <= limit
 
     def drop(self, reason: str) -> None:
         """Close the connection now (it reconnects after the backoff): for an answer that could
@@ -483,6 +506,9 @@ class Transport:
                 return
             self._note_error(f"{self.broker.url} refused the connection: {reason}")
             return
+        self.session_present = bool(flags.session_present)
+        limit = getattr(properties, "MaximumPacketSize", 0)
+        self.peer_max_packet = limit if isinstance(limit, int) and limit > 0 else 0
         self.generation += 1
         self.connects += 1
         self._connected_at = time.monotonic()  # the backoff resets once this lasted STABLE_S
@@ -537,7 +563,7 @@ class Transport:
             topic, bytes(msg.payload), msg.qos, msg.mid, self.generation,
             response_topic if isinstance(response_topic, str) else None,
             bytes(correlation) if isinstance(correlation, bytes | bytearray) else None,
-            oversize=getattr(client, "oversize", 0)))
+            oversize=getattr(client, "oversize", 0), via=self))
 
     def _handle_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any,
                           properties: Any) -> None:
@@ -551,7 +577,9 @@ class Transport:
 
     def _handle_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
                         properties: Any) -> None:
-        if self._on_published is not None:
+        if self._on_refused is not None and getattr(reason, "is_failure", False):
+            self._guarded("on_refused", self._on_refused, mid, str(reason))
+        elif self._on_published is not None:
             self._guarded("on_published", self._on_published, mid)
 
 
