@@ -101,6 +101,8 @@ class Intake:
                 try:
                     msg = self.queue.get(IDLE_BEAT_S)
                 except queue.Empty:
+                    if self._stopping.is_set():  # its wake-up was taken before the last message
+                        return
                     continue
             if msg is None:
                 if self._stopping.is_set() and self.queue.empty():
