@@ -255,11 +255,14 @@ class Agent:
             self._acks_for(msg).done(msg.token)
 
     def _unstored(self, msg: Message) -> None:
-        """Its answer could not be stored (the disk): the message is not acknowledged, and the
-        connection is dropped, so the broker delivers it again instead of every later
-        acknowledgement waiting behind it."""
+        """Its answer could not be stored (the disk failed or fell behind): a QoS 1 message is
+        not acknowledged, and its connection is dropped, so the broker delivers it again instead
+        of every later acknowledgement waiting behind it. A QoS 0 message is never delivered
+        again: it is counted, and the connection kept."""
         self.counters["unstored"] += 1
-        (msg.via or self.uplink).drop("an answer could not be stored; the broker will redeliver")
+        if msg.qos:
+            (msg.via or self.uplink).drop("an answer could not be stored; the broker will "
+                                          "redeliver")
 
     def _on_disconnect(self, transport: Transport) -> None:
         (self.sensor_acks if transport is self.sensors else self.uplink_acks).reset()
@@ -321,6 +324,7 @@ class Agent:
             "link": {"connected": self.uplink.connected, "connects": self.uplink.connects},
             "faults": {"dead_letters": self.publisher.dead_letters,
                        "unstored": self.counters["unstored"],
+                       "outbox_refused": self.outbox.refused_pending,
                        "dispatch_failed": self.counters["dispatch_failed"],
                        "responses_refused": self.requests.refused,
                        "callback_errors": self.uplink.callback_errors

@@ -38,6 +38,9 @@ log = logging.getLogger("edgefleet.outbox")
 # results: 94.4 -> 89.8 MB).
 CACHE_SIZE = -256
 ROW_OVERHEAD = 64  # bytes counted per row besides topic and payload (ids, times, index)
+# Bytes put and not yet committed, at most: past this (a disk that has stopped syncing, a flood)
+# a put is refused at once, so memory stays bounded while the disk catches up.
+MAX_PENDING_BYTES = 16 << 20
 # How long an acknowledged row may wait for a commit to delete it when no new rows come. A crash
 # in that window only publishes the row once more, which QoS 1 allows.
 ACK_IDLE_S = 0.1
@@ -79,7 +82,8 @@ class Outbox:
     def __init__(self, path: Path, *, max_bytes: int = 256 << 20, ttl_s: float = 86400,
                  on_full: Literal["drop-oldest", "reject-new"] = "drop-oldest",
                  synchronous: Literal["FULL", "NORMAL"] = "FULL",
-                 on_commit: Callable[[], None] | None = None) -> None:
+                 on_commit: Callable[[], None] | None = None,
+                 max_pending_bytes: int = MAX_PENDING_BYTES) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.ttl_s = ttl_s
@@ -121,6 +125,9 @@ class Outbox:
         self._changed = threading.Condition()
         self._committed_seq = 0
         self._queued_seq = 0
+        self.max_pending_bytes = max_pending_bytes
+        self._pending_bytes = 0  # put, not yet committed (under _lock)
+        self.refused_pending = 0  # puts refused because that budget was spent
         self._closed = False
         self._writer = threading.Thread(target=self._write_loop, name="edgefleet-outbox",
                                         daemon=True)
@@ -135,9 +142,23 @@ class Outbox:
 
         defer=True: the caller commits it soon itself (`commit_deferred`), so the writer thread
         is not woken for it. Should the caller not, the writer takes it within ACK_IDLE_S.
+        When max_pending_bytes are already waiting for the disk, the put is refused at once:
+        on_durable(False), here, on the caller's thread.
         """
+        size = _put_size(topic, payload, correlation)
         with self._lock:
-            self._queued_seq += 1
+            refused = self._pending_bytes + size > self.max_pending_bytes
+            if refused:
+                self.refused_pending += 1
+            else:
+                self._pending_bytes += size
+                self._queued_seq += 1
+        if refused:
+            log.warning("outbox: %d bytes wait for the disk; a put to %s is refused",
+                        self._pending_bytes, topic[:80])
+            if on_durable is not None:
+                on_durable(False)
+            return
         item = ("put", (topic, payload, qos, retain, time.time(), on_durable, correlation))
         if defer:
             self._deferred.append(item)
@@ -316,6 +337,8 @@ class Outbox:
                 cb(ok)
             except Exception:  # a caller's bug must not stop the outbox
                 log.exception("outbox durability callback failed")
+        with self._lock:
+            self._pending_bytes -= sum(_put_size(p[0], p[1], p[6]) for p in puts)
         with self._changed:
             self._committed_seq += len(puts)
             self._changed.notify_all()
@@ -343,7 +366,7 @@ class Outbox:
         rows: list[_Stored] = []
         stored = 0
         for topic, payload, qos, retain, created, cb, correlation in puts:
-            size = len(topic) + len(payload) + len(correlation or b"") + ROW_OVERHEAD
+            size = _put_size(topic, payload, correlation)
             if self._bytes + size > self.max_bytes:
                 stored += self._write_rows(rows)  # what is pending must be on disk to be dropped
                 rows = []
@@ -424,6 +447,11 @@ class Outbox:
         depth, size = self._db.execute("SELECT count(*), coalesce(sum(size), 0) FROM outbox").fetchone()
         self._depth, self._bytes = int(depth), int(size)
         self.dropped_by = dict(self._db.execute("SELECT name, value FROM counters").fetchall())
+
+
+def _put_size(topic: str, payload: bytes, correlation: bytes | None) -> int:
+    """The bytes a row counts against max_bytes (and a put against max_pending_bytes)."""
+    return len(topic) + len(payload) + len(correlation or b"") + ROW_OVERHEAD
 
 
 def _connect(path: Path) -> sqlite3.Connection:

@@ -275,3 +275,25 @@ def test_a_dead_letter_leaves_at_once_and_is_counted(tmp_path: Path) -> None:
     again = Outbox(tmp_path / "o.db")
     assert again.stats().dropped_by == {"dead_letter": 1}  # the count survives a restart
     again.close()
+
+
+def test_puts_past_the_pending_budget_are_refused_at_once_while_the_disk_lags(tmp_path: Path
+                                                                              ) -> None:
+    """A writer that cannot commit (here: held) lets no more than max_pending_bytes pile up in
+    memory; what comes after is refused on the caller's thread, and the rest is stored."""
+    box = Outbox(tmp_path / "o.db", max_pending_bytes=10_000)
+    outcomes: list[tuple[int, bool]] = []
+    with box._write_lock:  # the disk has stopped syncing
+        for i in range(100):
+            box.put(f"t/{i}", b"x" * 400, on_durable=lambda ok, i=i: outcomes.append((i, ok)))
+        refused = [i for i, ok in outcomes if not ok]
+        assert refused == list(range(21, 100))  # 21 rows of 464 bytes fit in 10,000
+        assert box.refused_pending == len(refused)
+    assert box.flush(10)
+    stored = sorted(i for i, ok in outcomes if ok)
+    assert stored == list(range(21))
+    assert [r.topic for r in box.peek(0, 200)] == [f"t/{i}" for i in range(21)]
+    box.put("t/after", b"x" * 400)  # the budget is back once the disk caught up
+    assert box.flush(10)
+    assert box.stats().depth == 22
+    box.close()
