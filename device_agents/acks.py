@@ -10,9 +10,12 @@ refused for good), or the connection must be dropped so the broker redelivers (`
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from typing import Any, Protocol
+
+log = logging.getLogger("edgefleet.acks")
 
 
 class _Acker(Protocol):
@@ -40,6 +43,7 @@ class AckSequencer:
         self._order: dict[int, list[Any]] = {}  # token -> [mid, qos, generation, done, since]
         self._tokens = itertools.count()
         self._next = 0
+        self._progress = time.monotonic()  # when the head of the order last moved
 
     def register(self, msg: _Received) -> int:
         with self._lock:
@@ -58,8 +62,13 @@ class AckSequencer:
                 while self._next in self._order and self._order[self._next][3]:
                     ready.append(self._order.pop(self._next))
                     self._next += 1
+                if ready:
+                    self._progress = time.monotonic()
             for mid, qos, generation, _, _ in ready:
-                self.transport.ack(mid, qos, generation)
+                try:  # each ack is sent, whatever one of them meets
+                    self.transport.ack(mid, qos, generation)
+                except Exception:
+                    log.exception("acknowledging message %d failed", mid)
 
     def waiting(self) -> int:
         """Messages registered and not yet acknowledged (a stalled sequence shows here)."""
@@ -67,11 +76,15 @@ class AckSequencer:
             return len(self._order)
 
     def oldest_wait_s(self) -> float:
-        """How long the message at the head of the order has waited for its answer: every later
-        acknowledgement waits behind it, so a long wait is a stalled connection."""
+        """How long the order has been stuck: the message at its head waiting for its answer,
+        with no acknowledgement going out meanwhile. Every later acknowledgement waits behind
+        it, so a long wait is a stalled connection (a long backlog that moves is not)."""
         with self._lock:
             head = self._order.get(self._next)
-            return 0.0 if head is None else time.monotonic() - head[4]
+            if head is None:
+                return 0.0
+            since: float = max(head[4], self._progress)
+            return time.monotonic() - since
 
     def reset(self) -> None:
         """A new connection: the broker redelivers what was not acknowledged on the old one."""

@@ -59,7 +59,7 @@ HEAP_TRIM_S = 1.0  # how often freed heap is handed back to the OS (cheap: see h
 BEAT_S = 30.0  # a worker that has not beaten for this long is stalled (see supervise)
 # A message unanswered this long holds every acknowledgement behind it: whatever the cause, the
 # watchdog stops pinging, systemd restarts the agent, and the broker delivers the message again.
-ACK_STALL_S = 120.0
+ACK_STALL_S = 300.0
 PAHO_QUEUE = 4 * PUBLISH_WINDOW  # paho's own queue: rows wait in the outbox, not in memory
 
 
@@ -201,8 +201,8 @@ class Agent:
                     if thread is not None and not thread.is_alive()]
         for name, acks in (("sensor", self.sensor_acks), ("uplink", self.uplink_acks)):
             if acks.oldest_wait_s() > ACK_STALL_S:
-                problems.append(f"{name} acknowledgements stalled: a message unanswered for "
-                                f"over {ACK_STALL_S:g} s")
+                problems.append(f"{name} acknowledgements stalled: none for over "
+                                f"{ACK_STALL_S:g} s while a message waits")
         return problems
 
     # -- models ------------------------------------------------------------------------------

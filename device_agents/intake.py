@@ -196,4 +196,4 @@ class Intake:
             (self.handled if stored else self.unstored)(msg)
 
         self.outbox.put(topic, payload, qos=1, on_durable=durable,
-                        defer=threading.get_ident() == self._ident)
+                        defer=threading.get_ident() == self._ident, bounded=not msg.qos)

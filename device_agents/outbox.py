@@ -128,6 +128,7 @@ class Outbox:
         self.max_pending_bytes = max_pending_bytes
         self._pending_bytes = 0  # put, not yet committed (under _lock)
         self.refused_pending = 0  # puts refused because that budget was spent
+        self._last_refused_log = -1.0
         self._closed = False
         self._writer = threading.Thread(target=self._write_loop, name="edgefleet-outbox",
                                         daemon=True)
@@ -137,27 +138,36 @@ class Outbox:
 
     def put(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
             on_durable: Durable | None = None, defer: bool = False,
-            correlation: bytes | None = None) -> None:
+            correlation: bytes | None = None, bounded: bool = False) -> None:
         """Queue a message for the disk; never blocks. on_durable(stored) follows the commit.
 
         defer=True: the caller commits it soon itself (`commit_deferred`), so the writer thread
         is not woken for it. Should the caller not, the writer takes it within ACK_IDLE_S.
-        When max_pending_bytes are already waiting for the disk, the put is refused at once:
-        on_durable(False), here, on the caller's thread.
+        bounded=True (an answer to a QoS 0 message, which no broker window holds back): when
+        max_pending_bytes already wait for the disk, the put is refused at once, on_durable(False)
+        here on the caller's thread. Other puts are bounded by what produces them (the broker's
+        in-flight window for QoS 1 answers) and are always taken.
         """
         size = _put_size(topic, payload, correlation)
         with self._lock:
-            refused = self._pending_bytes + size > self.max_pending_bytes
+            refused = (bounded and self._pending_bytes > 0
+                       and self._pending_bytes + size > self.max_pending_bytes)
             if refused:
                 self.refused_pending += 1
             else:
                 self._pending_bytes += size
                 self._queued_seq += 1
         if refused:
-            log.warning("outbox: %d bytes wait for the disk; a put to %s is refused",
-                        self._pending_bytes, topic[:80])
+            now = time.monotonic()
+            if now - self._last_refused_log >= 1.0:  # not a line a put: the disk is behind
+                self._last_refused_log = now
+                log.warning("outbox: %d bytes wait for the disk; puts are refused (%d so far)",
+                            self._pending_bytes, self.refused_pending)
             if on_durable is not None:
-                on_durable(False)
+                try:
+                    on_durable(False)
+                except Exception:
+                    log.exception("outbox durability callback failed")
             return
         item = ("put", (topic, payload, qos, retain, time.time(), on_durable, correlation))
         if defer:

@@ -172,9 +172,10 @@ class Client(mqtt.Client):
         on_disconnect for DISCONNECT) under its callback lock, taken blocking. Such a write is
         left to the network thread: done inline, by a thread holding a lock the network thread
         waits for inside a callback (the acknowledgement order's), it would deadlock."""
+        # tuple(): copied in one step under the GIL while other threads append and pop
         return any(p["command"] == _DISCONNECT
                    or (p["command"] & 0xF0 == _PUBLISH and p["qos"] == 0)
-                   for p in self._out_packet)
+                   for p in tuple(self._out_packet))
 
     def loop_write(self) -> MQTTErrorCode:
         """One writer at a time: a packet is written whole before the next one starts."""

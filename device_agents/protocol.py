@@ -109,22 +109,22 @@ def check_publish_topic(topic: str) -> str:
 MAX_CORRELATION: Final = 1024  # bytes of MQTT 5 correlation data a response carries back
 
 
-def check_response_topic(topic: str) -> str:
-    """`topic` if the agent may answer a request there (an MQTT 5 ResponseTopic), else
+def check_response_topic(topic: str, device: str) -> str:
+    """`topic` if `device` may answer a request there (an MQTT 5 ResponseTopic), else
     ProtocolError(bad_topic): a topic a broker takes, not a system topic, and within our root
-    only a response topic, so a requester cannot make the agent publish onto another device's
-    inputs, requests, status or the delivery blobs."""
+    only this device's response topics, so a requester cannot make the agent publish onto
+    another device's inputs, requests, status or responses, or the delivery blobs."""
     check_publish_topic(topic)
     if topic.startswith("$"):
         raise ProtocolError(BAD_TOPIC, f"{topic[:80]!r} is a broker's system topic")
     if topic.startswith(f"{ROOT}/"):
         try:
-            kind = parse_topic(topic).kind
+            parsed: DeviceTopic | None = parse_topic(topic)
         except ProtocolError:
-            kind = None
-        if kind != "response":
-            raise ProtocolError(BAD_TOPIC, f"{topic[:80]!r} is a topic of {ROOT} that is not a "
-                                "response topic")
+            parsed = None
+        if parsed is None or parsed.kind != "response" or parsed.device != device:
+            raise ProtocolError(BAD_TOPIC, f"{topic[:80]!r} is a topic of {ROOT} that is not one "
+                                f"of {device}'s responses")
     return topic
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 from device_agents import protocol
@@ -22,6 +23,8 @@ from device_agents.transport import PublishRefusedError, Transport
 log = logging.getLogger("edgefleet.publisher")
 
 PUBLISH_WINDOW = 64  # results handed to paho and not yet acknowledged by the broker
+# PUBACK reasons that say "not now" (quota exceeded, packet identifier in use): published again
+RETRY_REASONS = ("Quota exceeded", "Packet identifier in use")
 
 
 class Publisher:
@@ -38,6 +41,7 @@ class Publisher:
         self._last_row = 0  # the last outbox row handed to paho
         self._backlog = True  # rows may wait for the window: PUBACKs wake the publisher
         self.dead_letters = 0
+        self._last_dead_log = self._last_dead_event = -1.0
 
     def wake(self) -> None:
         self._wake.set()
@@ -95,8 +99,11 @@ class Publisher:
                 if row_id is not None:
                     if reason is None:
                         self.outbox.ack(row_id)
+                    elif reason in RETRY_REASONS:  # from this row on, again
+                        self._last_row = min(self._last_row, row_id - 1)
                     else:
-                        self._dead_letter(row_id, f"row {row_id}", f"the broker refused it: {reason}")
+                        self._dead_letter(row_id, f"row {row_id}", f"the broker refused it: {reason}",
+                                          report=True)
             if not self.transport.connected:
                 return
             room = self.window - len(inflight)
@@ -111,7 +118,7 @@ class Publisher:
                         properties=None if row.correlation is None
                         else {"CorrelationData": row.correlation})
                 except PublishRefusedError as exc:
-                    self._dead_letter(row.id, row.topic, str(exc))
+                    self._dead_letter(row.id, row.topic, str(exc), report=row.topic != self.topics.event)
                     self._last_row = row.id
                     continue
                 if sent is None:  # not now (paho's queue is full, the link just went)
@@ -123,10 +130,18 @@ class Publisher:
                     inflight[sent] = row.id
             self._backlog = len(rows) >= room
 
-    def _dead_letter(self, row_id: int, topic: str, reason: str) -> None:
+    def _dead_letter(self, row_id: int, topic: str, reason: str, report: bool) -> None:
+        """Delete and count the row; with `report`, say so on `event`. A refused event is never
+        reported by another event (a broker refusing the event topic would make that a loop)."""
         self.dead_letters += 1
-        log.error("outbox row %d to %r can never be published (%s): dead-lettered", row_id,
-                  topic[:120], reason)
+        now = time.monotonic()
+        if now - self._last_dead_log >= 1.0:  # a storm of them must not flood the log (and disk)
+            self._last_dead_log = now
+            log.error("outbox row %d to %r can never be published (%s): dead-lettered "
+                      "(%d so far)", row_id, topic[:120], reason, self.dead_letters)
         self.outbox.dead_letter(row_id)
-        self.outbox.put(self.topics.event, protocol.event(
-            "dead_letter", topic=topic[:protocol.MAX_ID], reason=reason[:protocol.MAX_TEXT]), qos=1)
+        if report and now - self._last_dead_event >= 1.0:
+            self._last_dead_event = now
+            self.outbox.put(self.topics.event, protocol.event(
+                "dead_letter", topic=topic[:protocol.MAX_ID], reason=reason[:protocol.MAX_TEXT],
+                count=self.dead_letters), qos=1)

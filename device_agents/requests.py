@@ -120,7 +120,7 @@ class RequestWorker:
         error topic."""
         if msg.response_topic:
             try:
-                return protocol.check_response_topic(msg.response_topic)
+                return protocol.check_response_topic(msg.response_topic, self.topics.device_id)
             except ProtocolError as exc:
                 self.refused += 1
                 log.warning("response topic of %s refused: %s", msg.topic[:120], exc)

@@ -71,8 +71,8 @@ class Message:
         delivered again on the new one (and answered then), so work on this copy is wasted, or
         done twice (a rollback)."""
         via = self.via
-        return bool(self.qos and via is not None and via.generation != self.generation
-                    and via.session_present)
+        return bool(self.qos and via is not None
+                    and via.session_since <= self.generation < via.generation)
 
 
 class Backoff:
@@ -153,6 +153,9 @@ class Transport:
         self.max_queued = max_queued  # paho's own queue of outgoing messages; 0: unbounded
         self.callback_errors = 0
         self.session_present = False  # of the latest connection
+        # the connection the broker's current session began on (0: before this process): what
+        # came on it or later is delivered again if not acknowledged
+        self.session_since = 0
         self.peer_max_packet = 0  # the broker's Maximum Packet Size (MQTT 5 CONNACK); 0: none
         self._connected_at = 0.0
         self._will = will
@@ -510,6 +513,8 @@ class Transport:
         limit = getattr(properties, "MaximumPacketSize", 0)
         self.peer_max_packet = limit if isinstance(limit, int) and limit > 0 else 0
         self.generation += 1
+        if not self.session_present:  # a new session: nothing of the earlier ones comes again
+            self.session_since = self.generation
         self.connects += 1
         self._connected_at = time.monotonic()  # the backoff resets once this lasted STABLE_S
         self.last_error = None

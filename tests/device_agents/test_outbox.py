@@ -285,7 +285,8 @@ def test_puts_past_the_pending_budget_are_refused_at_once_while_the_disk_lags(tm
     outcomes: list[tuple[int, bool]] = []
     with box._write_lock:  # the disk has stopped syncing
         for i in range(100):
-            box.put(f"t/{i}", b"x" * 400, on_durable=lambda ok, i=i: outcomes.append((i, ok)))
+            box.put(f"t/{i}", b"x" * 400, on_durable=lambda ok, i=i: outcomes.append((i, ok)),
+                    bounded=True)
         refused = [i for i, ok in outcomes if not ok]
         assert refused == list(range(21, 100))  # 21 rows of 464 bytes fit in 10,000
         assert box.refused_pending == len(refused)
@@ -293,7 +294,13 @@ def test_puts_past_the_pending_budget_are_refused_at_once_while_the_disk_lags(tm
     stored = sorted(i for i, ok in outcomes if ok)
     assert stored == list(range(21))
     assert [r.topic for r in box.peek(0, 200)] == [f"t/{i}" for i in range(21)]
-    box.put("t/after", b"x" * 400)  # the budget is back once the disk caught up
+    box.put("t/after", b"x" * 400, bounded=True)  # the budget is back once the disk caught up
+    big: list[bool] = []
+    with box._write_lock:
+        box.put("t/unbounded", b"x" * 400)  # an answer to QoS 1: the broker's window bounds it
     assert box.flush(10)
-    assert box.stats().depth == 22
+    box.put("t/big", b"x" * 20_000, bounded=True, on_durable=big.append)  # alone: taken
+    assert box.flush(10)
+    assert big == [True]
+    assert box.stats().depth == 24
     box.close()

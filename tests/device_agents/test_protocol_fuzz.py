@@ -214,7 +214,7 @@ def test_topics(topic: str) -> None:
         assert error.code == protocol.BAD_TOPIC
     else:
         assert protocol.NAME_RE.match(protocol.parse_topic(topic).device)
-    error = _error_of(protocol.check_response_topic, topic)
+    error = _error_of(protocol.check_response_topic, topic, "dev-1")
     assert error is None or error.code == protocol.BAD_TOPIC
     error = _error_of(protocol.check_publish_topic, topic)
     if error is not None:
@@ -244,11 +244,12 @@ def test_wildcards_and_control_characters_never_make_a_topic() -> None:
         with pytest.raises(ProtocolError):
             protocol.check_publish_topic(topic)
     for topic in ("$SYS/x", "edgefleet/v1/other/in/cam", "edgefleet/v1/other/request/rollback",
-                  "edgefleet/v1/other/status", f"edgefleet/v1/blobs/{'0' * 64}", "edgefleet/v1/x"):
+                  "edgefleet/v1/other/status", f"edgefleet/v1/blobs/{'0' * 64}", "edgefleet/v1/x",
+                  "edgefleet/v1/other/response/ping", "edgefleet/v1/dev-1/in/cam"):
         with pytest.raises(ProtocolError):
-            protocol.check_response_topic(topic)
+            protocol.check_response_topic(topic, "dev-1")
     for topic in ("replies/operator-1", "edgefleet/v1/dev-1/response/ping"):
-        assert protocol.check_response_topic(topic) == topic
+        assert protocol.check_response_topic(topic, "dev-1") == topic
     assert protocol.check_publish_topic("edgefleet/v1/d/out/cam-0") == "edgefleet/v1/d/out/cam-0"
 
 

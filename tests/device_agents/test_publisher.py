@@ -75,16 +75,18 @@ def test_a_puback_with_a_failure_reason_is_a_dead_letter(tmp_path: Path) -> None
 
 @dataclass
 class Link:
-    generation: int
-    session_present: bool
+    generation: int  # the connection now
+    session_since: int  # the connection the broker's session began on
 
 
 def test_a_message_is_stale_only_when_its_session_was_kept_on_a_newer_connection() -> None:
     def message(qos: int, generation: int, via: Any) -> Message:
         return Message("t", b"", qos, 1, generation, via=via)
 
-    assert message(1, 1, Link(2, True)).stale  # the broker delivers it again on connection 2
-    assert not message(1, 1, Link(2, False)).stale  # a new session: this copy is the only one
-    assert not message(1, 2, Link(2, True)).stale
-    assert not message(0, 1, Link(2, True)).stale  # QoS 0 is never delivered again
+    assert message(1, 1, Link(2, 0)).stale  # the broker delivers it again on connection 2
+    assert message(1, 1, Link(2, 1)).stale
+    assert not message(1, 1, Link(2, 2)).stale  # a new session: this copy is the only one
+    assert not message(1, 1, Link(3, 2)).stale  # kept since 2, which never held it
+    assert not message(1, 2, Link(2, 0)).stale
+    assert not message(0, 1, Link(2, 0)).stale  # QoS 0 is never delivered again
     assert not message(1, 1, None).stale
