@@ -75,6 +75,8 @@ def test_the_transport_reads_through_it_and_loses_nothing(broker: Any) -> None:
                   subscriptions=[topic], on_message=on_message, max_inflight=100)
     t.start()
     sender = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    sender_connects: list[int] = []
+    sender.on_connect = lambda *_args: sender_connects.append(1)
     try:
         assert t.wait_connected(15), t.last_error
         assert t.wait_subscribed(15)
@@ -87,13 +89,28 @@ def test_the_transport_reads_through_it_and_loses_nothing(broker: Any) -> None:
             deadline = time.monotonic() + 30
             while len(got) < min(start + 500, len(expected)) and time.monotonic() < deadline:
                 time.sleep(0.01)
-        assert done.wait(30), f"{len(got)} of {len(expected)} arrived"
+        if not done.wait(30):
+            pytest.fail(_what_was_lost(expected, got, t.connects, len(sender_connects), broker))
         assert sorted(got) == sorted(expected)
         assert got[:len(small)] == small  # one publisher, one topic: in order
     finally:
         sender.loop_stop()
         sender.disconnect()
         t.stop()
+
+
+def _what_was_lost(expected: list[bytes], got: list[bytes], connects: int, sender_connects: int,
+                   broker: Any) -> str:
+    """A failure that says which messages are missing, whether a connection was made again (a
+    broker that keeps no session drops what it had in flight then), and what the broker logged."""
+    arrived = set(got)
+    missing = [i for i, body in enumerate(expected) if body not in arrived]
+    log = broker.log_path.read_text(errors="replace") if broker.log_path.exists() else ""
+    notes = [line for line in log.splitlines()
+             if any(w in line for w in ("WARNING", "ERROR", "Timeout", "failed"))][-20:]
+    return (f"{len(got)} of {len(expected)} arrived; missing indices {missing[:20]}; "
+            f"receiver connected {connects} time(s), sender {sender_connects}; "
+            f"broker {broker.kind} said:\n" + "\n".join(notes))
 
 
 class TrickleSocket:
