@@ -36,6 +36,7 @@ from typing import Any
 from device_agents import protocol, requests
 from device_agents.acks import AckSequencer
 from device_agents.chunks import CHUNK_MAX, ChunkStore
+from device_agents.commands import CommandGuard, NonceLedger
 from device_agents.config import AgentConfig
 from device_agents.delivery import DeliveryManager
 from device_agents.health import ProcessStats, release_free_heap
@@ -126,7 +127,7 @@ class Agent:
                                       limits.max_payload_bytes, handled=self._handled,
                                       unstored=self._unstored,
                                       beat=lambda: self.supervisor.beat("requests"),
-                                      fits=self.uplink.fits)
+                                      fits=self.uplink.fits, guard=self._command_guard())
         self.delivery = DeliveryManager(
             self.data_dir, self.store, self.chunks, self.inference, self.uplink, self.topics,
             publish_state=self._publish_model_state, streams_of=self.streams.get,
@@ -187,6 +188,13 @@ class Agent:
         left = self.outbox.stats().depth
         self.outbox.close()
         log.info("stopped; %d messages left in the outbox for the next start", left)
+
+    def _command_guard(self) -> CommandGuard:
+        """Who this device obeys: the command keys, with replays refused across restarts."""
+        security = self.config.security
+        keys = [load_public_key(Path(p)) for p in security.command_keys]
+        ledger = NonceLedger(self.data_dir / "commands.db") if keys else None
+        return CommandGuard(self.config.device_id, keys, security.commands_signed, ledger)
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._stopping.wait(timeout)

@@ -22,8 +22,8 @@ from msgspec import Meta
 
 from device_agents.errors import DeviceAgentError
 
-DEVICE_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-STREAM = r"^[A-Za-z0-9_.-]+$"
+DEVICE_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z"
+STREAM = r"^[A-Za-z0-9_.-]+\Z"
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 
 
@@ -96,6 +96,19 @@ class SecurityConfig(_Strict, frozen=True, forbid_unknown_fields=True, kw_only=T
     trusted_keys: Annotated[list[str], _doc("Ed25519 public keys (PEM) accepted as signers.")] = (
         msgspec.field(default_factory=list))
     require_signed: Annotated[bool, _doc("Refuse packages without a trusted signature.")] = True
+    command_keys: Annotated[list[str], _doc("Ed25519 public keys (PEM) whose signed commands "
+                                            "this device obeys (CONTRACT 10).")] = (
+        msgspec.field(default_factory=list))
+    require_signed_commands: Annotated[bool | None, _doc(
+        "Refuse every command but ping unless signed by a command key; default: true when "
+        "command_keys is set.")] = None
+
+    @property
+    def commands_signed(self) -> bool:
+        """Whether commands must be signed: the explicit setting, else whether keys are set."""
+        if self.require_signed_commands is None:
+            return bool(self.command_keys)
+        return self.require_signed_commands
 
 
 class OutboxConfig(_Strict, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -277,6 +290,12 @@ def _file_problems(config: AgentConfig) -> list[str]:
         if not (Path(model.package) / "manifest.json").is_file():
             problems.append(f"models.{i}.package: {model.package} is not a package "
                             "(no manifest.json)")
+    for i, key in enumerate(config.security.command_keys):
+        if not Path(key).is_file():
+            problems.append(f"security.command_keys.{i}: {key} does not exist")
+    if config.security.require_signed_commands and not config.security.command_keys:
+        problems.append("security.command_keys: empty, but require_signed_commands is true "
+                        "(no command could ever be obeyed)")
     if config.security.require_signed and config.models and not config.security.trusted_keys:
         problems.append("security.trusted_keys: empty, but require_signed is true")
     return problems

@@ -26,10 +26,10 @@ from msgspec import Meta
 
 ROOT: Final = "edgefleet/v1"
 BLOBS_PREFIX: Final = f"{ROOT}/blobs/"  # + sha256: a retained chunk of a package being delivered
-NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # device ids, model names, deployments
-STREAM_PATTERN: Final = r"^[A-Za-z0-9_.-]{1,128}$"  # sensor streams and request commands
-VERSION_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$"
-SHA256_PATTERN: Final = r"^[0-9a-f]{64}$"
+NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z"  # device ids, model names, deployments
+STREAM_PATTERN: Final = r"^[A-Za-z0-9_.-]{1,128}\Z"  # sensor streams and request commands
+VERSION_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}\Z"
+SHA256_PATTERN: Final = r"^[0-9a-f]{64}\Z"
 # subscription filters over the whole fleet
 ALL_STATUS: Final = f"{ROOT}/+/status"
 ALL_TELEMETRY: Final = f"{ROOT}/+/telemetry"
@@ -47,6 +47,7 @@ OVERLOADED: Final = "overloaded"
 # codes of errors that never reach a sensor: a topic or a document the fleet sent or received
 BAD_TOPIC: Final = "bad_topic"
 BAD_REQUEST: Final = "bad_request"
+UNAUTHORIZED: Final = "unauthorized"  # a command not signed by a key the device obeys
 
 # dtypes a b64 tensor may declare, little-endian on the wire
 WIRE_DTYPES: Final = {"float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8",
@@ -413,7 +414,8 @@ def offline(epoch: int) -> bytes:
     return encode({"state": "offline", "epoch": epoch})
 
 
-def response(transaction: Any, status: str, data: Any = None, error: str | None = None) -> bytes:
+def response(transaction: Any, status: str, data: Any = None,
+             error: str | dict[str, str] | None = None) -> bytes:
     return encode({"transaction": transaction, "status": status, "data": data, "error": error})
 
 
@@ -472,6 +474,54 @@ def parse_request(payload: bytes, max_bytes: int) -> tuple[str | int | None, dic
         raise ProtocolError(BAD_REQUEST, f"transaction must be a string of at most {MAX_ID} "
                             "characters or a 64-bit integer")
     return transaction, args
+
+
+# -- signed commands (CONTRACT 10) ------------------------------------------------------------
+
+COMMAND_DOMAIN: Final = b"edgefleet-command/1\n"  # a command signature can be nothing else
+MAX_COMMAND_LIFETIME_S: Final = 3600  # the furthest ahead a command may expire (nonces kept so long)
+
+
+class Auth(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A request's `auth`: which key signed it, a nonce used once, when it stops being valid
+    (Unix seconds), and the Ed25519 signature (base64) over `command_bytes`."""
+
+    key: Annotated[str, Meta(pattern=r"^[0-9a-f]{16}\Z")]  # runtime.signing.fingerprint
+    nonce: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{16,64}\Z")]
+    expires: Annotated[int, Meta(ge=0, le=1 << 40)]
+    sig: Annotated[str, Meta(min_length=1, max_length=128)]
+
+
+def command_bytes(device: str, command: str, args: dict[str, Any], key: str, nonce: str,
+                  expires: int) -> bytes:
+    """What a command's signature covers: the device it is for, the command, every argument
+    (the transaction too; not `auth`), the key, the nonce and the expiry, as JSON with sorted
+    keys and no spaces after a domain tag. Binding the device and the command means a request
+    signed for one device or one command is worth nothing for another."""
+    body = {k: v for k, v in args.items() if k != "auth"}
+    return COMMAND_DOMAIN + msgspec.json.encode(
+        {"device": device, "command": command, "args": body, "key": key, "nonce": nonce,
+         "expires": expires}, order="sorted")
+
+
+def parse_auth(value: Any) -> Auth:
+    """A request's `auth` object; raises ProtocolError(unauthorized)."""
+    try:
+        return msgspec.convert(value, Auth)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(UNAUTHORIZED, f"auth: {exc}") from None
+
+
+def signature_of(auth: Auth) -> bytes:
+    """The raw 64 bytes of an Auth's signature; raises ProtocolError(unauthorized)."""
+    try:
+        sig = base64.b64decode(auth.sig, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError(UNAUTHORIZED, "auth.sig is not base64") from None
+    if len(sig) != 64:
+        raise ProtocolError(UNAUTHORIZED, f"auth.sig holds {len(sig)} bytes, not an Ed25519 "
+                            "signature's 64")
+    return sig
 
 
 class DeployDescriptor(_Doc, kw_only=True):

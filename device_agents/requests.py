@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from device_agents import protocol
+from device_agents.commands import CommandGuard, UnauthorizedError
 from device_agents.intake import IDLE_BEAT_S, message_size
 from device_agents.outbox import Outbox
 from device_agents.protocol import ProtocolError, Topics
@@ -34,8 +35,10 @@ class RequestWorker:
     def __init__(self, router: Router, topics: Topics, outbox: Outbox, max_bytes: int,
                  handled: Callable[[Message], None], unstored: Callable[[Message], None],
                  beat: Callable[[], None] = lambda: None,
-                 fits: Callable[[str, bytes], bool] = lambda topic, payload: True) -> None:
+                 fits: Callable[[str, bytes], bool] = lambda topic, payload: True,
+                 guard: CommandGuard | None = None) -> None:
         self.router, self.topics, self.outbox = router, topics, outbox
+        self.guard = guard  # signed commands (CONTRACT 10); None: every command is obeyed
         self.max_bytes, self.handled, self.unstored, self.beat = max_bytes, handled, unstored, beat
         self.fits = fits  # whether the uplink's broker takes a message this size
         self.queue: ByteBudgetQueue[Message] = ByteBudgetQueue(QUEUE_REQUESTS, QUEUE_BYTES,
@@ -88,11 +91,18 @@ class RequestWorker:
             self._answer(msg, protocol.peek_transaction(msg.payload, self.max_bytes), "error",
                          None, str(exc))
             return
+        if self.guard is not None:
+            try:
+                args = self.guard.check(command, args)
+            except UnauthorizedError as exc:
+                log.warning("refused %s: %s", msg.topic[:120], exc)
+                self._answer(msg, transaction, "error", None, exc.as_error())
+                return
         status, data, error = self.router.handle(command, args)
         self._answer(msg, transaction, status, data, error)
 
     def _answer(self, msg: Message, transaction: Any, status: str, data: Any,
-                error: str | None) -> None:
+                error: str | dict[str, str] | None) -> None:
         """Put the response in the outbox (for the MQTT 5 response topic when it is one a broker
         takes); the request is acknowledged once it is durable."""
         try:

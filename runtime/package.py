@@ -37,7 +37,7 @@ FORMAT = "edgefleet-model/1"
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z"
 
 
 Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
@@ -55,7 +55,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     version: Name
     created: str
     file: str = MODEL_FILE
-    sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+    sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}\Z")]
     size: Annotated[int, msgspec.Meta(ge=0)]
     inputs: Annotated[list[TensorSpec], msgspec.Meta(min_length=1)]
     outputs: Annotated[list[TensorSpec], msgspec.Meta(min_length=1)]

@@ -9,11 +9,14 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from device_agents.config import BrokerConfig, ConfigError, parse_broker_url
+
+if TYPE_CHECKING:  # cryptography is imported only by the commands that sign
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 
 def broker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -53,6 +56,22 @@ def broker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def sign_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--sign-key: the operator's Ed25519 key every request is signed with (CONTRACT 10)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, sign_key: str | None, **kwargs: Any) -> Any:
+        from runtime.signing import load_private_key
+
+        return fn(*args, sign_key=load_private_key(Path(sign_key)) if sign_key else None,
+                  **kwargs)
+
+    return click.option("--sign-key", envvar="EDGEFLEET_SIGN_KEY",
+                        type=click.Path(exists=True, dir_okay=False),
+                        help="Ed25519 private key (PEM) that signs the requests, for devices "
+                        "with command_keys (env EDGEFLEET_SIGN_KEY).")(wrapper)
+
+
 @click.group()
 def fleet() -> None:
     """Operate the fleet: deploy packages, roll back, call devices, watch their status, collect
@@ -73,9 +92,10 @@ def fleet() -> None:
               help="Error rate in the health window that triggers an automatic rollback.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 @broker_options
+@sign_option
 def deploy_command(package_dir: Path, devices: tuple[str, ...], group: str | None, canary: int,
                    timeout: float, health_window: float, max_error_rate: float, as_json: bool,
-                   broker_config: BrokerConfig) -> None:
+                   broker_config: BrokerConfig, sign_key: Ed25519PrivateKey | None) -> None:
     """Deliver a package over MQTT and wait for every device's outcome (exit 0 only if every
     target ends active). With --group, a device whose status breaks the contract is skipped
     with a warning (and listed under `skipped` in --json); the others are deployed to.
@@ -101,7 +121,7 @@ def deploy_command(package_dir: Path, devices: tuple[str, ...], group: str | Non
         skipped.append({"device": who, "error": reason})
         click.echo(f"warning: skipping {who}: its status breaks the contract: {reason}", err=True)
 
-    with FleetClient(broker_config, "deploy") as client:
+    with FleetClient(broker_config, "deploy", sign_key) as client:
         targets = resolve_targets(client, devices, group, on_skip=skip)
         if not as_json:
             err.print(f"deploying {the_plan.name} {the_plan.version} "
@@ -139,8 +159,9 @@ def deploy_command(package_dir: Path, devices: tuple[str, ...], group: str | Non
 @click.option("--model", "model_name", required=True, help="The model to roll back.")
 @click.option("--timeout", type=float, default=30, show_default=True)
 @broker_options
+@sign_option
 def rollback_command(device: str, model_name: str, timeout: float,
-                     broker_config: BrokerConfig) -> None:
+                     broker_config: BrokerConfig, sign_key: Ed25519PrivateKey | None) -> None:
     """Ask a device to go back to the previous version of a model.
 
     \b
@@ -150,7 +171,7 @@ def rollback_command(device: str, model_name: str, timeout: float,
     from device_agents import protocol
     from device_agents.fleet.client import FleetClient
 
-    with FleetClient(broker_config, "rollback") as client:
+    with FleetClient(broker_config, "rollback", sign_key) as client:
         response = client.request(device, "rollback", {"model": model_name}, timeout)
     click.echo(protocol.encode(response).decode())
     sys.exit(0 if response.status == "ok" else 1)
@@ -162,8 +183,9 @@ def rollback_command(device: str, model_name: str, timeout: float,
 @click.option("--arg", "args", multiple=True, help="k=v argument (repeatable; v may be JSON).")
 @click.option("--timeout", type=float, default=10, show_default=True)
 @broker_options
+@sign_option
 def call_command(device: str, command: str, args: tuple[str, ...], timeout: float,
-                 broker_config: BrokerConfig) -> None:
+                 broker_config: BrokerConfig, sign_key: Ed25519PrivateKey | None) -> None:
     """One request/response with a device; prints the response JSON.
 
     \b
@@ -183,7 +205,7 @@ def call_command(device: str, command: str, args: tuple[str, ...], timeout: floa
             payload[key] = json.loads(value)
         except (ValueError, RecursionError):
             payload[key] = value
-    with FleetClient(broker_config, "call") as client:
+    with FleetClient(broker_config, "call", sign_key) as client:
         response = client.request(device, command, payload, timeout)
     click.echo(protocol.encode(response).decode())
     sys.exit(0 if response.status == "ok" else 1)

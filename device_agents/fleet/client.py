@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from device_agents import protocol
+from device_agents import commands, protocol
 from device_agents.config import BrokerConfig
 from device_agents.errors import DeviceAgentError
 from device_agents.supervise import Supervisor
@@ -72,7 +73,8 @@ class StatusScan:
 
 
 class FleetClient:
-    def __init__(self, broker: BrokerConfig, name: str = "fleet") -> None:
+    def __init__(self, broker: BrokerConfig, name: str = "fleet",
+                 sign_key: Ed25519PrivateKey | None = None) -> None:
         # Nothing here starts a thread of ours; the supervisor guards the callbacks paho runs.
         self.supervisor = Supervisor(f"edgefleet-{name}")
         guard = self.supervisor.guard
@@ -80,6 +82,7 @@ class FleetClient:
                                    on_message=guard("on_message", self._on_message),
                                    on_published=guard("on_published", self._on_published),
                                    max_inflight=64)
+        self.sign_key = sign_key  # every request is signed with it (CONTRACT 10) when set
         self._responses: dict[str, queue.Queue[tuple[str, protocol.Response | FleetError]]] = {}
         self._listeners: list[_Listener] = []
         self._bad_topic_listeners: list[BadTopicListener] = []
@@ -181,8 +184,10 @@ class FleetClient:
             self.transport.subscribe([response for _, response in requests.values()])
             self.transport.wait_subscribed(timeout)
             for transaction, device in transactions.items():
-                self.publish(requests[device][0],
-                             protocol.encode({"transaction": transaction, **(args or {})}))
+                body = {"transaction": transaction, **(args or {})}
+                if self.sign_key is not None:
+                    body = commands.sign(self.sign_key, device, command, body)
+                self.publish(requests[device][0], protocol.encode(body))
             return self._gather(waiter, transactions, command, timeout)
         finally:
             for transaction in transactions:

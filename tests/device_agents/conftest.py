@@ -30,11 +30,13 @@ class Bench:
         self.config = self.write()
 
     def write(self, *, broker_url: str | None = None, extra: str = "",
-              package: Path | bool | None = True) -> Path:
+              package: Path | bool | None = True, command_keys: list[Path] | None = None) -> Path:
         pkg = self.package if package is True else (package or None)
-        return write_config(self.tmp / "agent.toml", device_id=self.device_id,
-                            broker_url=broker_url or self.broker.url, data_dir=self.data_dir,
-                            package=pkg, keys=self.keys, extra=extra)
+        self.config = write_config(self.tmp / "agent.toml", device_id=self.device_id,
+                                   broker_url=broker_url or self.broker.url,
+                                   data_dir=self.data_dir, package=pkg, keys=self.keys,
+                                   extra=extra, command_keys=command_keys)
+        return self.config
 
     def agent(self, env: dict[str, str] | None = None) -> AgentProcess:
         proc = AgentProcess(self.config, env).start()

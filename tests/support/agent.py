@@ -25,13 +25,17 @@ ROOT = "edgefleet/v1"
 
 
 def write_config(path: Path, *, device_id: str, broker_url: str, data_dir: Path,
-                 package: Path | None, keys: list[Path], extra: str = "") -> Path:
+                 package: Path | None, keys: list[Path], extra: str = "",
+                 command_keys: list[Path] | None = None) -> Path:
     lines = [f'device_id = "{device_id}"', 'groups = ["test"]', f'data_dir = "{data_dir}"', "",
              "[uplink]", f'url = "{broker_url}"', "keepalive_s = 5", ""]
     if package is not None:
         lines += ["[[models]]", f'package = "{package}"', ""]
     lines += ["[security]", f"trusted_keys = {json.dumps([str(k) for k in keys])}",
-              "require_signed = true", "", "[agent]", "telemetry_interval_s = 1", ""]
+              "require_signed = true"]
+    if command_keys:
+        lines += [f"command_keys = {json.dumps([str(k) for k in command_keys])}"]
+    lines += ["", "[agent]", "telemetry_interval_s = 1", ""]
     path.write_text("\n".join(lines) + extra)
     return path
 
