@@ -124,6 +124,7 @@ class DeliveryManager:
         staging = self.staging / dep.id
         try:
             manifest = self._check_manifest(dep, staging)
+            self.store.check_floor(dep.name, dep.version)  # before a byte is fetched
         except EdgefleetError as exc:
             self._fail(dep, str(exc))
             raise RequestError(str(exc)) from exc
@@ -254,8 +255,17 @@ class DeliveryManager:
             return
         with self._lock:
             waiting = self._wanted.get(sha)
+            declared = {size for dep_id in waiting or () if (d := self.active.get(dep_id))
+                        for s, size in d.chunks if s == sha}
         if waiting is None:
             self.handled(msg)
+            return
+        if declared != {len(msg.payload)}:  # the list lied about it: never stored
+            self.handled(msg)
+            for dep_id in list(waiting):
+                if (dep := self.active.get(dep_id)) is not None:
+                    self._fail(dep, f"chunk {sha[:12]} is {len(msg.payload)} bytes, the "
+                               f"descriptor says {sorted(declared)}")
             return
         if not self.chunks.put(sha, msg.payload):
             log.error("chunk %s does not match its hash; it will be fetched again", sha[:12])
@@ -299,6 +309,7 @@ class DeliveryManager:
         self._state(dep, "verifying", 1.0)
         try:
             manifest = self._check_manifest(dep, staging)
+            self.store.check_floor(dep.name, dep.version)  # a newer one may have come meanwhile
             self._assemble(dep, staging / manifest.file)
             package = self.store.verify(staging)  # size, sha256 and signature of the whole
             model = self.inference.load(package)  # its own session: the old one keeps serving
@@ -403,6 +414,10 @@ class DeliveryManager:
         log.warning("delivery of %s %s refused: %s", dep.name, dep.version, reason)
         self._forget(dep)
         shutil.rmtree(self.staging / dep.id, ignore_errors=True)
+        with self._lock:  # its chunks no other delivery waits for go too: nothing is left
+            kept = {sha for other in self.active.values() for sha, _ in other.chunks}
+        self.chunks.drop_loose([Chunk(sha, 0, size) for sha, size in dep.chunks
+                                if sha not in kept])
         self._state(dep, "failed", self._progress(dep) if dep.chunks else 0.0, error=reason)
 
     def _forget(self, dep: Deployment) -> None:

@@ -1,6 +1,12 @@
 """Installed model packages on the device: `data_dir/models/{name}/{version}/`, with the active
 and previous version of each model recorded in `state.json` (written atomically), so an
-activation or a rollback survives a restart and the previous version is always kept."""
+activation or a rollback survives a restart and the previous version is always kept.
+
+`state.json` also keeps each model's version floor, the highest version ever activated: an
+activation below it is refused (CONTRACT 10, anti-rollback), so a replayed or re-sent old
+package, correctly signed as it is, cannot bring back a version with a known flaw. Going back is
+`rollback` only: the device's own after a failed health window, or a signed request.
+"""
 
 from __future__ import annotations
 
@@ -73,12 +79,31 @@ class ModelStore:
     def path(self, name: str, version: str) -> Path:
         return self.root / name / version
 
+    def floor(self, name: str) -> str | None:
+        """The highest version of `name` activated here (None: never activated)."""
+        entry = self._state.get(name, {})
+        return entry.get("floor") or entry.get("active")  # state.json from before floors
+
+    def check_floor(self, name: str, version: str) -> None:
+        """Raise StoreError if `version` is older than the floor of `name`."""
+        floor = self.floor(name)
+        if floor is not None and version_key(version) < version_key(floor):
+            raise StoreError(f"{name} {version} is older than the floor {floor} (the highest "
+                             f"version activated on this device); to go back, send a signed "
+                             "rollback")
+
     def activate(self, name: str, version: str) -> None:
         if not (self.path(name, version) / "manifest.json").exists():
             raise StoreError(f"model {name} version {version} is not installed")
+        self.check_floor(name, version)
         entry = self._state.get(name, {})
-        if entry.get("active") != version:
-            self._state[name] = {"active": version, "previous": entry.get("active")}
+        floor = self.floor(name)
+        if floor is None or version_key(version) > version_key(floor):
+            floor = version
+        if entry.get("active") != version or entry.get("floor") != floor:
+            self._state[name] = {"active": version, "previous": entry.get("active")
+                                 if entry.get("active") != version else entry.get("previous"),
+                                 "floor": floor}
             self._save()
 
     def rollback(self, name: str) -> str:
@@ -89,7 +114,8 @@ class ModelStore:
         previous = entry.get("previous")
         if not previous:
             raise StoreError(f"model {name} has no previous version to roll back to")
-        self._state[name] = {"active": previous, "previous": entry.get("active")}
+        self._state[name] = {"active": previous, "previous": entry.get("active"),
+                             "floor": self.floor(name)}  # the floor stays: no way back up below it
         self._save()
         return previous
 
@@ -106,6 +132,17 @@ class ModelStore:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, self._state_path)
+
+
+def version_key(version: str) -> tuple[tuple[int, str], ...]:
+    """How versions of one model compare (CONTRACT 10): dotted integers, so `10` > `9.2` and
+    `1.10` > `1.9`. A part that is not all digits compares by its leading number, then by the
+    rest as text (`2rc1` < `2x`); a missing part is lower than any (`1` < `1.0`)."""
+    key = []
+    for part in version.split("."):
+        digits = len(part) - len(part.lstrip("0123456789"))
+        key.append((int(part[:digits]) if digits else -1, part[digits:]))
+    return tuple(key)
 
 
 def _fsync_dir(path: Path) -> None:

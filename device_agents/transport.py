@@ -213,7 +213,14 @@ class Transport:
         Asked when an MQTT 5 connection closed before its CONNACK: a 3.1.1-only broker may
         misread a CONNECT carrying a Will and properties and just hang up (amqtt does), while a
         bare CONNECT gets a clear refusal. A flaky link gets False, so it never downgrades us.
+
+        Only an anonymous connection probes: a broker that names clients by their identity
+        (Mosquitto's `use_username_as_clientid`, as `edgefleet pki mosquitto` configures it)
+        would give the probe this client's own id, and its clean start would wipe the session
+        the broker keeps for us, with every message queued in it.
         """
+        if self.broker.username is not None or self.broker.cert_file is not None:
+            return False
         answer: list[str] = []
         probe = self._build_client(mqtt.MQTTv5, probe=True)
         probe.on_connect = lambda c, u, f, reason, p: answer.append(str(reason))

@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fleet": ("device_agents.fleet.cli:fleet",
               "Operate the fleet: deploy, roll back, call devices, status, collect results."),
     "sensor": ("device_agents.sensors.cli:sensor", "Simulated sensors: publish samples, score the answers."),
+    "pki": ("device_agents.fleet.pki_cli:pki_group",
+            "Fleet identities (X.509 CA, broker, operator, devices) and a Mosquitto config."),
     "linkem": ("device_agents.linkem.cli:linkem",
                "Emulate a 5G/LTE/NB-IoT link (delay, bandwidth, outages) as a TCP proxy."),
 }
