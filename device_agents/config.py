@@ -283,6 +283,9 @@ def _file_problems(config: AgentConfig) -> list[str]:
         if broker.password_env and broker.password_env not in os.environ:
             problems.append(f"{name}.password_env: environment variable {broker.password_env} "
                             "is not set")
+    cert = config.uplink.cert_file
+    if cert is not None and Path(cert).is_file():
+        problems += _identity_problems(Path(cert), config.device_id)
     for i, key in enumerate(config.security.trusted_keys):
         if not Path(key).is_file():
             problems.append(f"security.trusted_keys.{i}: {key} does not exist")
@@ -299,3 +302,22 @@ def _file_problems(config: AgentConfig) -> list[str]:
     if config.security.require_signed and config.models and not config.security.trusted_keys:
         problems.append("security.trusted_keys: empty, but require_signed is true")
     return problems
+
+
+def _identity_problems(cert_path: Path, device_id: str) -> list[str]:
+    """A device's client certificate must name it (CN = device id): brokers configured by
+    `edgefleet pki mosquitto` authorize by the CN, so a box whose config says another id would
+    publish where its certificate may not, or, with a wrong certificate, as another device."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except (OSError, ValueError) as exc:
+        return [f"uplink.cert_file: {cert_path} is not a PEM certificate: {exc}"]
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    cn = str(names[0].value) if names else None
+    if cn != device_id:
+        return [f"uplink.cert_file: the certificate is for {cn!r}, but device_id is "
+                f"{device_id!r} (issue one with: edgefleet pki issue --device {device_id})"]
+    return []

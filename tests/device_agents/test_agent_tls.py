@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def test_agent_connects_with_a_client_certificate(tmp_path: Path, keys_dir: Path
         "require_certificate true\nuse_identity_as_username true\n"))
     broker.start()
     try:
-        config = write_config(tmp_path / "agent.toml", device_id="mtls-dev", broker_url=broker.url,
+        config = write_config(tmp_path / "agent.toml", device_id="edge-client", broker_url=broker.url,
                               data_dir=tmp_path / "data", package=None,
                               keys=[keys_dir / "fleet.pub"])
         config.write_text(config.read_text().replace(
@@ -93,10 +94,30 @@ def test_agent_connects_with_a_client_certificate(tmp_path: Path, keys_dir: Path
             out = subprocess.run(
                 ["mosquitto_sub", "-h", broker.host, "-p", str(broker.port), "--cafile",
                  str(pki["ca"]), "--cert", str(pki["client_cert"]), "--key",
-                 str(pki["client_key"]), "-t", "edgefleet/v1/mtls-dev/status", "-C", "1",
+                 str(pki["client_key"]), "-t", "edgefleet/v1/edge-client/status", "-C", "1",
                  "-W", "20"], capture_output=True, text=True, timeout=30)
             assert json.loads(out.stdout or "{}").get("state") == "online", agent.logs()
         finally:
             agent.stop()
     finally:
         broker.stop()
+
+
+def test_a_client_certificate_must_name_the_device(tmp_path: Path, keys_dir: Path) -> None:
+    """CN = device id, or the config is refused with the fix in the message."""
+    from device_agents.config import ConfigError, load_config
+
+    pki = make_ca_and_server(tmp_path / "pki")
+    config = write_config(tmp_path / "agent.toml", device_id="edge-other",
+                          broker_url="mqtts://127.0.0.1:8883", data_dir=tmp_path / "data",
+                          package=None, keys=[keys_dir / "fleet.pub"])
+    config.write_text(config.read_text().replace(
+        "keepalive_s = 5", f'keepalive_s = 5\nca_file = "{pki["ca"]}"\n'
+        f'cert_file = "{pki["client_cert"]}"\nkey_file = "{pki["client_key"]}"'))
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    assert "the certificate is for 'edge-client', but device_id is 'edge-other'" in str(err.value)
+    out = subprocess.run([sys.executable, "-m", "edgefleet.cli", "agent", "check-config",
+                          "--config", str(config)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "edgefleet pki issue --device edge-other" in out.stderr + out.stdout

@@ -326,3 +326,79 @@ def test_canary_failure_stops_the_rollout_and_group_deploy(tmp_path: Path, broke
     finally:
         for b in benches:
             b.close()
+
+
+def test_a_downgrade_is_refused_and_going_back_takes_a_signed_rollback(
+        mlp_bench: Bench, mlp: dict[str, Path], tmp_path: Path) -> None:
+    from runtime.signing import generate_keypair
+
+    operator = tmp_path / "operator"
+    generate_keypair(operator)
+    sign = ("--sign-key", str(operator / "fleet.key"))
+    mlp_bench.write(command_keys=[operator / "fleet.pub"])
+    watcher, _ = mlp_bench.start_online()
+    dev, url = mlp_bench.device_id, mlp_bench.broker.url
+
+    def serving() -> str:
+        watcher.send("cam", {"id": "which", "data": image(3)})
+        version: str = watcher.collect("/out/cam", 1)[0]["model"]["version"]
+        return version
+
+    code, outcome = fleet_deploy(url, mlp["v2_head"], dev, extra=sign)
+    assert code == 0, outcome
+    assert serving() == "2"
+    unsigned = fleet_deploy(url, mlp["v3_full"], dev)[1]["devices"][0]
+    assert "unauthorized" in unsigned["error"] or "must be signed" in unsigned["error"], unsigned
+    code, outcome = fleet_deploy(url, mlp["v1"], dev, extra=sign)
+    assert code == 1
+    assert "older than the floor 2" in outcome["devices"][0]["error"], outcome
+    assert serving() == "2"
+
+    def rollback(*extra: str) -> dict[str, Any]:
+        out = subprocess.run([sys.executable, "-m", "edgefleet.cli", "fleet", "rollback",
+                              "--device", dev, "--model", "mlp", "--broker", url, *extra],
+                             capture_output=True, text=True, timeout=60)
+        answer: dict[str, Any] = json.loads(out.stdout)
+        return answer
+
+    assert rollback()["error"]["code"] == "unauthorized"
+    assert serving() == "2"  # refused: nothing changed
+    back = rollback(*sign)
+    assert back["status"] == "ok", back
+    assert back["data"]["active"] == "1"
+    assert serving() == "1"
+    # the floor stays at 2: v1 again by deploy is still a downgrade, v2 is not
+    assert "older than the floor" in fleet_deploy(url, mlp["v1"], dev, extra=sign)[1][
+        "devices"][0]["error"]
+
+
+def test_a_chunk_list_that_lies_about_sizes_stores_nothing(mlp_bench: Bench,
+                                                          mlp: dict[str, Path]) -> None:
+    from device_agents import protocol
+    from device_agents.fleet.deploy import plan
+
+    watcher, _ = mlp_bench.start_online()
+    the_plan = plan(mlp["v3_full"], 1.0, 0.2)
+    assert len(the_plan.chunks) >= 2, "the test needs a model of several chunks"
+    descriptor = dict(the_plan.descriptor)
+    first, second = the_plan.chunks[0], the_plan.chunks[1]
+    # same total as the signed manifest, but the first chunk declared larger than it is
+    descriptor["chunks"] = ([[first.sha256, first.size + 100], [second.sha256, second.size - 100]]
+                            + [[c.sha256, c.size] for c in the_plan.chunks[2:]])
+    for c in the_plan.chunks:  # the real bytes, as the fleet tool publishes them
+        watcher.client.publish(protocol.blob_topic(c.sha256),
+                               the_plan.data[c.offset:c.offset + c.size], qos=1, retain=True)
+    watcher.client.publish(f"edgefleet/v1/{mlp_bench.device_id}/request/deploy",
+                           json.dumps({"transaction": "lie", **descriptor}), qos=1)
+    deadline = time.monotonic() + 30
+    failed = None
+    while failed is None and time.monotonic() < deadline:
+        for state in watcher.collect("/model/mlp/state", 1, timeout=deadline - time.monotonic()):
+            if state["phase"] == "failed":
+                failed = state
+    assert failed is not None, "the delivery never failed"
+    assert "the descriptor says" in failed["error"], failed
+    loose = mlp_bench.data_dir / "chunks" / "loose"
+    assert not loose.exists() or not any(loose.iterdir()), sorted(loose.iterdir())
+    for c in the_plan.chunks:  # tidy the broker: retained chunks outlive the test otherwise
+        watcher.client.publish(protocol.blob_topic(c.sha256), b"", qos=1, retain=True)
