@@ -112,20 +112,19 @@ MAX_CORRELATION: Final = 1024  # bytes of MQTT 5 correlation data a response car
 
 def check_response_topic(topic: str, device: str) -> str:
     """`topic` if `device` may answer a request there (an MQTT 5 ResponseTopic), else
-    ProtocolError(bad_topic): a topic a broker takes, not a system topic, and within our root
-    only this device's response topics, so a requester cannot make the agent publish onto
-    another device's inputs, requests, status or responses, or the delivery blobs."""
+    ProtocolError(bad_topic). Only this device's own response topics
+    (`edgefleet/v1/{device}/response/{name}`, what the ACL of `edgefleet pki mosquitto` lets it
+    publish): a requester must not make the agent publish for it anywhere else, onto another
+    device's inputs, requests, status or responses, the delivery blobs, or another system's
+    topics (an actuator's, say), where the device's identity would lend the message weight."""
     check_publish_topic(topic)
-    if topic.startswith("$"):
-        raise ProtocolError(BAD_TOPIC, f"{topic[:80]!r} is a broker's system topic")
-    if topic.startswith(f"{ROOT}/"):
-        try:
-            parsed: DeviceTopic | None = parse_topic(topic)
-        except ProtocolError:
-            parsed = None
-        if parsed is None or parsed.kind != "response" or parsed.device != device:
-            raise ProtocolError(BAD_TOPIC, f"{topic[:80]!r} is a topic of {ROOT} that is not one "
-                                f"of {device}'s responses")
+    try:
+        parsed: DeviceTopic | None = parse_topic(topic)
+    except ProtocolError:
+        parsed = None
+    if parsed is None or parsed.kind != "response" or parsed.device != device:
+        raise ProtocolError(BAD_TOPIC, f"{topic[:80]!r} is not one of {device}'s response "
+                            f"topics ({ROOT}/{device}/response/NAME)")
     return topic
 
 

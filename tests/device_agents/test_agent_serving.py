@@ -179,7 +179,7 @@ def test_requests_honour_the_mqtt5_response_topic(bench: Bench) -> None:
     bench.agent()
     wait_for_status(watcher, "online")
     req = f"{ROOT}/{bench.device_id}/request"
-    reply_to = f"test/{uuid.uuid4().hex[:8]}/reply"
+    reply_to = f"{ROOT}/{bench.device_id}/response/reply-{uuid.uuid4().hex[:8]}"
     watcher.client.subscribe(reply_to, qos=1)
     time.sleep(0.2)
     props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]

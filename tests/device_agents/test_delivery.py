@@ -277,7 +277,7 @@ def _interrupted_transfer(mlp_bench: Bench, package: Path, seed: int,
         thread.join()
         sent = link.stats().bytes_down - before
     code, outcome = result[0]
-    assert code == 0, outcome
+    assert code == 0, (outcome["devices"], agent.logs()[-3000:])
     return sent
 
 

@@ -245,10 +245,11 @@ def test_wildcards_and_control_characters_never_make_a_topic() -> None:
             protocol.check_publish_topic(topic)
     for topic in ("$SYS/x", "edgefleet/v1/other/in/cam", "edgefleet/v1/other/request/rollback",
                   "edgefleet/v1/other/status", f"edgefleet/v1/blobs/{'0' * 64}", "edgefleet/v1/x",
-                  "edgefleet/v1/other/response/ping", "edgefleet/v1/dev-1/in/cam"):
+                  "edgefleet/v1/other/response/ping", "edgefleet/v1/dev-1/in/cam",
+                  "replies/operator-1", "plant/valve-3/set", "edgefleet/v1/dev-1/response/a/b"):
         with pytest.raises(ProtocolError):
             protocol.check_response_topic(topic, "dev-1")
-    for topic in ("replies/operator-1", "edgefleet/v1/dev-1/response/ping"):
+    for topic in ("edgefleet/v1/dev-1/response/ping", "edgefleet/v1/dev-1/response/op-7f3a"):
         assert protocol.check_response_topic(topic, "dev-1") == topic
     assert protocol.check_publish_topic("edgefleet/v1/d/out/cam-0") == "edgefleet/v1/d/out/cam-0"
 
