@@ -33,7 +33,7 @@ from device_agents import protocol
 from device_agents.chunks import Chunk, ChunkStore
 from device_agents.inference import InferenceService
 from device_agents.router import RequestError
-from device_agents.store import ModelStore
+from device_agents.store import ModelStore, StoreError
 from device_agents.transport import Message, Transport
 from runtime.errors import EdgefleetError
 from runtime.model import Model
@@ -124,16 +124,21 @@ class DeliveryManager:
         staging = self.staging / dep.id
         try:
             manifest = self._check_manifest(dep, staging)
-            self.store.check_floor(dep.name, dep.version)  # before a byte is fetched
         except EdgefleetError as exc:
             self._fail(dep, str(exc))
             raise RequestError(str(exc)) from exc
         entry = self.store.entry(dep.name)
         if entry.get("active") == dep.version and (self.store.path(dep.name, dep.version)
                                                    / "manifest.json").exists():
-            # nothing to do; it passed its own health window when it was activated
+            # nothing to do (even below the floor, after a rollback); it passed its own health
+            # window when it was activated
             self._state(dep, "active", 1.0, healthy=True)
             return {"deployment": dep.id, "need": [], "need_bytes": 0, "already_active": True}
+        try:
+            self.store.check_floor(dep.name, dep.version)  # before a byte is fetched
+        except EdgefleetError as exc:
+            self._fail(dep, str(exc))
+            raise RequestError(str(exc)) from exc
         if manifest.sha256 != args.get("sha256", manifest.sha256):
             raise RequestError("descriptor sha256 does not match the signed manifest")
         with self._lock:
@@ -398,9 +403,12 @@ class DeliveryManager:
         self._state(dep, "active", 1.0, healthy=True)
 
     def _rollback(self, dep: Deployment, reason: str) -> None:
-        try:
+        try:  # the previous version is loaded and verified before it is recorded as active
+            before = self.store.entry(dep.name).get("previous")
+            if not before:
+                raise StoreError(f"model {dep.name} has no previous version to roll back to")
+            old = self.inference.load(self.store.verify(self.store.path(dep.name, before)))
             previous = self.store.rollback(dep.name)
-            old = self.inference.load(self.store.verify(self.store.path(dep.name, previous)))
             self.inference.activate(old, self.streams_of(dep.name))
         except EdgefleetError as exc:
             log.error("rollback of %s failed: %s", dep.name, exc)

@@ -161,9 +161,13 @@ def models(agent: Any) -> list[dict[str, Any]]:
 
 
 def rollback(agent: Any, name: str) -> dict[str, Any]:
+    """Back to the previous version, loaded and verified before it is recorded as active: one
+    that no longer verifies (its key left trusted_keys) leaves everything as it was."""
+    previous = agent.store.entry(name).get("previous")
     try:
-        version = agent.store.rollback(name)
-        model = agent.inference.load(agent.store.verify(agent.store.path(name, version)))
+        if previous:
+            model = agent.inference.load(agent.store.verify(agent.store.path(name, previous)))
+        version = agent.store.rollback(name)  # raises when there is nothing to go back to
     except EdgefleetError as exc:
         raise RequestError(str(exc)) from exc
     agent.inference.activate(model, agent.streams.get(name))

@@ -121,6 +121,7 @@ class Transport:
         max_packet_bytes: int = 0,
         announce_max_packet: bool = True,
         max_queued: int = 0,
+        quiet_first_connect: bool = False,
     ) -> None:
         self.broker = broker
         self.client_id = client_id
@@ -150,6 +151,9 @@ class Transport:
         self.max_inflight = max_inflight
         self.max_packet_bytes = max_packet_bytes  # 0: no limit; else enforced while reading
         self.announce_max_packet = announce_max_packet  # and told to MQTT 5 brokers at CONNECT
+        # a command-line tool reports a failed first connection itself, in one line: the
+        # transport logs errors only once it has been connected
+        self.quiet_first_connect = quiet_first_connect
         self.max_queued = max_queued  # paho's own queue of outgoing messages; 0: unbounded
         self.callback_errors = 0
         self.session_present = False  # of the latest connection
@@ -500,7 +504,7 @@ class Transport:
             self._client.reconnect()
 
     def _note_error(self, message: str) -> None:
-        if message != self.last_error:
+        if message != self.last_error and (self.connects or not self.quiet_first_connect):
             log.warning("%s", message)
         self.last_error = message
 

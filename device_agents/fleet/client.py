@@ -81,7 +81,7 @@ class FleetClient:
         self.transport = Transport(broker, f"edgefleet-{name}-{uuid.uuid4().hex[:8]}",
                                    on_message=guard("on_message", self._on_message),
                                    on_published=guard("on_published", self._on_published),
-                                   max_inflight=64)
+                                   max_inflight=64, quiet_first_connect=True)
         self.sign_key = sign_key  # every request is signed with it (CONTRACT 10) when set
         self._responses: dict[str, queue.Queue[tuple[str, protocol.Response | FleetError]]] = {}
         self._listeners: list[_Listener] = []

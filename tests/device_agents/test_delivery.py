@@ -367,9 +367,11 @@ def test_a_downgrade_is_refused_and_going_back_takes_a_signed_rollback(
     assert back["status"] == "ok", back
     assert back["data"]["active"] == "1"
     assert serving() == "1"
-    # the floor stays at 2: v1 again by deploy is still a downgrade, v2 is not
-    assert "older than the floor" in fleet_deploy(url, mlp["v1"], dev, extra=sign)[1][
-        "devices"][0]["error"]
+    # the floor stays at 2; deploying the version now active is a no-op, not a downgrade
+    floors = json.loads((mlp_bench.data_dir / "models" / "state.json").read_text())
+    assert floors["mlp"] == {"active": "1", "previous": "2", "floor": "2"}
+    code, outcome = fleet_deploy(url, mlp["v1"], dev, extra=sign)
+    assert code == 0, outcome
 
 
 def test_a_chunk_list_that_lies_about_sizes_stores_nothing(mlp_bench: Bench,
@@ -402,3 +404,12 @@ def test_a_chunk_list_that_lies_about_sizes_stores_nothing(mlp_bench: Bench,
     assert not loose.exists() or not any(loose.iterdir()), sorted(loose.iterdir())
     for c in the_plan.chunks:  # tidy the broker: retained chunks outlive the test otherwise
         watcher.client.publish(protocol.blob_topic(c.sha256), b"", qos=1, retain=True)
+
+
+def test_versions_compare_as_dotted_integers() -> None:
+    from device_agents.store import version_key
+
+    ordered = ["1", "1.0", "1.2", "1.9", "1.10", "2", "2rc1", "9.2", "10", "10.0.1"]
+    assert sorted(ordered, key=version_key) == ordered
+    assert version_key("10") > version_key("9.2")
+    assert version_key("1.10") > version_key("1.9")

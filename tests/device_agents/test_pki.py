@@ -509,3 +509,85 @@ def test_the_agent_answers_and_takes_a_deployment_through_the_acl(
     assert "as edge-e2e (p5" in log
     denied = [line for line in log.splitlines() if "Denied" in line and "edge-e2e" in line]
     assert denied == [], denied  # the agent needed no topic the ACL refuses
+
+
+def test_every_fleet_tool_works_over_mutual_tls_and_commands_are_signed(
+        fleet: Fleet, tmp_path: Path, keys_dir: Path, signed_digits_package: Any) -> None:
+    """The agent, fleet call/status/collect/rollback and sensor simulate on the broker
+    `pki mosquitto` configures; the device obeys only signed commands; a wrong CA and a wrong
+    host name are refused with one line."""
+    import sqlite3
+
+    from runtime.signing import generate_keypair
+    from tests.support.tls import make_ca_and_server
+
+    device = "edge-tools"
+    pki.issue_device(fleet.pki, device)
+    command_key = tmp_path / "command"
+    generate_keypair(command_key)
+    config = write_config(tmp_path / "agent.toml", device_id=device,
+                          broker_url=f"mqtts://127.0.0.1:{fleet.port}", data_dir=tmp_path / "data",
+                          package=signed_digits_package.path, keys=[keys_dir / "fleet.pub"],
+                          command_keys=[command_key / "fleet.pub"])
+    cert, key = fleet.device(device)
+    config.write_text(config.read_text().replace("keepalive_s = 5", (
+        f'keepalive_s = 5\nca_file = "{fleet.pki / "ca.pem"}"\ncert_file = "{cert}"\n'
+        f'key_file = "{key}"')))
+    ca = f"--ca-file={fleet.pki / 'ca.pem'}"
+    operator = [ca, f"--cert-file={fleet.operator[0]}", f"--key-file={fleet.operator[1]}"]
+    on_port = f"--broker=mqtts://127.0.0.1:{fleet.operator_port}"
+
+    def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "edgefleet.cli", *args],
+                              capture_output=True, text=True, timeout=timeout)
+
+    agent = AgentProcess(config).start()
+    try:
+        for _ in range(20):
+            ping = run("fleet", "call", device, "ping", "--timeout", "3", on_port, *operator)
+            if ping.returncode == 0:
+                break
+        assert ping.returncode == 0, ping.stderr + agent.logs()
+        unsigned = run("fleet", "call", device, "config", on_port, *operator)
+        assert unsigned.returncode == 1
+        assert json.loads(unsigned.stdout)["error"]["code"] == "unauthorized"
+        signed = run("fleet", "call", device, "config", on_port, *operator,
+                     "--sign-key", str(command_key / "fleet.key"))
+        assert signed.returncode == 0, signed.stdout + signed.stderr
+        assert json.loads(signed.stdout)["data"]["device_id"] == device
+        status = run("fleet", "status", "--json", "--wait", "2", on_port, *operator)
+        assert status.returncode == 0, status.stderr
+        assert {r["device"]: r["state"] for r in json.loads(status.stdout)}[device] == "online"
+
+        db = tmp_path / "results.db"
+        collect = subprocess.Popen(
+            [sys.executable, "-m", "edgefleet.cli", "fleet", "collect", "--db", str(db),
+             "--device", device, "--count", "20", "--duration", "90", "--json", on_port,
+             *operator], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(2)  # subscribed before the sensor sends
+        sensor_cert, sensor_key = fleet.device(SENSOR)
+        sent = run("sensor", "simulate", "--device", device, "--stream", "cam", "--dataset",
+                   "digits", "--rate", "50", "--count", "20", "--json",
+                   f"--broker=mqtts://127.0.0.1:{fleet.port}", ca, f"--cert-file={sensor_cert}",
+                   f"--key-file={sensor_key}")
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        out, err = collect.communicate(timeout=120)
+        assert collect.returncode == 0, out + err
+        with sqlite3.connect(db) as conn:
+            (rows,) = conn.execute("SELECT COUNT(*) FROM results").fetchone()
+        assert rows == 20
+    finally:
+        assert agent.stop() == 0
+
+    # a CA that did not sign the broker, and a host name its certificate does not carry
+    other = make_ca_and_server(tmp_path / "other-ca")
+    wrong_ca = run("fleet", "status", "--wait", "1", on_port, f"--ca-file={other['ca']}",
+                   f"--cert-file={fleet.operator[0]}", f"--key-file={fleet.operator[1]}")
+    wrong_host = run("fleet", "status", "--wait", "1",
+                     f"--broker=mqtts://127.0.0.2:{fleet.operator_port}", *operator)
+    for refused, why in ((wrong_ca, "certificate verify failed"), (wrong_host, "127.0.0.2")):
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1, refused.stderr
+        assert why in lines[0], lines[0]
+        assert "Traceback" not in refused.stderr
