@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from device_agents import protocol
 from device_agents.config import ConfigError, load_config
 from device_agents.protocol import (
     BAD_PAYLOAD,
@@ -175,3 +176,24 @@ def test_backoff_is_capped_exponential_with_jitter() -> None:
     assert len({round(w, 6) for w in waits[5:]}) == 5  # jittered, not lockstep
     backoff.reset()
     assert backoff.next() <= 0.5
+
+
+@pytest.mark.parametrize("device_id", ["edge-1\n", "edge/1", "edge+", "edge#", "edge\x00",
+                                       "edge-1\r", "\u0085edge", ""])
+def test_device_ids_that_could_make_a_topic_are_refused(tmp_path: Path, device_id: str) -> None:
+    """A trailing newline once matched `$` (the trick behind CVE-2017-7650): names end at \\Z."""
+    path = tmp_path / "agent.toml"
+    path.write_text(f"device_id = {json.dumps(device_id)}\ndata_dir = \"{tmp_path}\"\n")
+    with pytest.raises(ConfigError, match="device_id"):
+        load_config(path)
+    with pytest.raises(ProtocolError):
+        Topics(device_id)
+
+
+def test_health_window_parameters_come_bounded() -> None:
+    base = {"deployment": "d", "name": "m", "version": "1", "manifest": "", "chunks": []}
+    for field, value in (("health_window_s", float("nan")), ("health_window_s", float("inf")),
+                         ("health_window_s", -1.0), ("max_error_rate", float("nan")),
+                         ("max_error_rate", 1.5), ("max_error_rate", -0.1)):
+        with pytest.raises(ProtocolError, match=field):
+            protocol.parse_deploy({**base, field: value})

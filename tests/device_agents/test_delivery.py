@@ -413,3 +413,37 @@ def test_versions_compare_as_dotted_integers() -> None:
     assert sorted(ordered, key=version_key) == ordered
     assert version_key("10") > version_key("9.2")
     assert version_key("1.10") > version_key("1.9")
+
+
+def test_a_signed_deploy_whose_chunk_list_was_changed_is_refused_before_a_byte_is_stored(
+        mlp_bench: Bench, mlp: dict[str, Path], tmp_path: Path) -> None:
+    from device_agents import commands, protocol
+    from device_agents.fleet.deploy import plan
+    from runtime.signing import generate_keypair
+
+    operator = tmp_path / "operator"
+    generate_keypair(operator)
+    mlp_bench.write(command_keys=[operator / "fleet.pub"])
+    watcher, _ = mlp_bench.start_online()
+    the_plan = plan(mlp["v3_full"], 1.0, 0.2)
+    body = commands.sign(load_private_key(operator / "fleet.key"), mlp_bench.device_id, "deploy",
+                         {"transaction": "tampered", **the_plan.descriptor})
+    first, second = the_plan.chunks[0], the_plan.chunks[1]
+    body["chunks"] = ([[first.sha256, first.size + 100], [second.sha256, second.size - 100]]
+                      + [[c.sha256, c.size] for c in the_plan.chunks[2:]])
+    for c in the_plan.chunks:
+        watcher.client.publish(protocol.blob_topic(c.sha256),
+                               the_plan.data[c.offset:c.offset + c.size], qos=1, retain=True)
+    try:
+        watcher.client.publish(f"edgefleet/v1/{mlp_bench.device_id}/request/deploy",
+                               json.dumps(body), qos=1)
+        answer = watcher.collect("/response/deploy", 1)[0]
+        assert answer["error"]["code"] == "unauthorized", answer
+        assert "bad signature" in answer["error"]["message"]
+        time.sleep(1)  # anything it would wrongly fetch has time to arrive
+        chunks = mlp_bench.data_dir / "chunks" / "loose"
+        assert not chunks.exists() or not any(chunks.iterdir()), sorted(chunks.iterdir())
+        assert not (mlp_bench.data_dir / "deliveries" / f"{body['deployment']}.json").exists()
+    finally:
+        for c in the_plan.chunks:
+            watcher.client.publish(protocol.blob_topic(c.sha256), b"", qos=1, retain=True)
