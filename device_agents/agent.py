@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import secrets
 import sys
 import threading
 import time
@@ -39,6 +39,7 @@ from device_agents.chunks import CHUNK_MAX, ChunkStore
 from device_agents.commands import CommandGuard, NonceLedger
 from device_agents.config import AgentConfig
 from device_agents.delivery import DeliveryManager
+from device_agents.durable import write_atomic
 from device_agents.health import ProcessStats, release_free_heap
 from device_agents.inference import InferenceService
 from device_agents.intake import Intake
@@ -70,7 +71,7 @@ class Agent:
         self.topics = Topics(config.device_id)
         self.data_dir = config.data_path
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.epoch = _next_epoch(self.data_dir / "state.json")
+        self.epoch, self.run = _next_epoch(self.data_dir / "state.json")
         self.process = ProcessStats()
         self.counters: Counter[str] = Counter()
         self.supervisor = supervisor or Supervisor("agent")
@@ -120,7 +121,8 @@ class Agent:
                                    beat=lambda: self.supervisor.beat("publisher"))
         self.intake = Intake(config, self.topics, self.inference, self.outbox, self.epoch,
                              self.counters, handled=self._handled, unstored=self._unstored,
-                             beat=lambda: self.supervisor.beat("intake"), fits=self.uplink.fits)
+                             beat=lambda: self.supervisor.beat("intake"), fits=self.uplink.fits,
+                             run=self.run)
         self.router = Router()
         requests.add_agent_requests(self.router, self)
         self.requests = RequestWorker(self.router, self.topics, self.outbox,
@@ -360,19 +362,19 @@ class Agent:
                 self.uplink.publish(self.topics.telemetry, protocol.encode(self.telemetry()), qos=0)
 
 
-def _next_epoch(path: Path) -> int:
-    """Read, increase and persist the epoch (atomically, fsynced) before anything is served."""
-    epoch = 0
+def _next_epoch(path: Path) -> tuple[int, str]:
+    """Read, increase and persist the epoch (atomically, fsynced) before anything is served,
+    with the run id: random, made once per data_dir (CONTRACT 5.3), so a wiped or re-flashed box
+    whose epochs start again at 1 is still told apart from its earlier life."""
+    epoch, run = 0, None
     if path.exists():
         try:
-            epoch = int(json.loads(path.read_text()).get("epoch", 0))
+            doc = json.loads(path.read_text())
+            epoch = int(doc.get("epoch", 0))
+            run = doc.get("run") if isinstance(doc.get("run"), str) else None
         except (ValueError, OSError, AttributeError):
             log.warning("state file %s is unreadable; epochs restart above the outbox's", path)
+    run = run or secrets.token_hex(8)
     epoch += 1
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps({"epoch": epoch}))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return epoch
+    write_atomic(path, json.dumps({"epoch": epoch, "run": run}).encode())
+    return epoch, run

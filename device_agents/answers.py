@@ -28,11 +28,11 @@ def non_finite(result: BatchResult) -> bool:
 
 
 def result_payload(result: BatchResult, *, msg_id: Any, stream: str, seq: int, epoch: int,
-                   ts_in: float) -> bytes:
+                   ts_in: float, run: str = "") -> bytes:
     """The result message of one answered sensor message."""
     model = result.model
     doc: dict[str, Any] = {
-        "id": msg_id, "stream": stream, "seq": seq, "epoch": epoch,
+        "id": msg_id, "stream": stream, "seq": seq, "epoch": epoch, "run": run,
         "model": {"name": model.name, "version": model.version},
         "outputs": {k: v.tolist() for k, v in result.outputs.items()},
     }

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+
+from device_agents.durable import write_atomic
 
 CHUNK_MIN: Final = 8 * 1024
 CHUNK_AVG: Final = 32 * 1024
@@ -44,13 +45,6 @@ def chunk_file(path: Path) -> list[Chunk]:
     return chunk_bytes(path.read_bytes())
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class ChunkStore:
@@ -79,7 +73,9 @@ class ChunkStore:
         if hashlib.sha256(data).hexdigest() != sha:
             return False
         if not self.has(sha):
-            _fsync_write(self.loose / sha, data)
+            # no directory fsync per chunk: a chunk a power cut loses is fetched again (the
+            # resumed delivery asks for what `has` does not find), never half-read
+            write_atomic(self.loose / sha, data, sync_dir=False)
         return True
 
     def read(self, sha: str) -> bytes:
@@ -102,7 +98,7 @@ class ChunkStore:
         later with `drop_loose`: hundreds of unlinks need not delay an activation)."""
         for c in chunks:
             self._index[c.sha256] = (str(path), c.offset, c.size)
-        _fsync_write(self._index_path, json.dumps(self._index).encode())
+        write_atomic(self._index_path, json.dumps(self._index).encode())
         if drop_loose:
             self.drop_loose(chunks)
 

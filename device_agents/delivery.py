@@ -31,6 +31,7 @@ import numpy as np
 
 from device_agents import protocol
 from device_agents.chunks import Chunk, ChunkStore
+from device_agents.durable import write_atomic
 from device_agents.inference import InferenceService
 from device_agents.router import RequestError
 from device_agents.store import ModelStore, StoreError
@@ -144,7 +145,7 @@ class DeliveryManager:
         with self._lock:
             self.active[dep.id] = dep
             dep.missing = sorted({sha for sha, _ in dep.chunks if not self.chunks.has(sha)})
-            (self.dir / f"{dep.id}.json").write_text(dep.to_json())
+            write_atomic(self.dir / f"{dep.id}.json", dep.to_json().encode())
         missing = set(dep.missing)
         need_bytes = sum(size for sha, size in dict(dep.chunks).items() if sha in missing)
         self._begin(dep)
@@ -167,9 +168,9 @@ class DeliveryManager:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         try:
-            (staging / "manifest.json").write_bytes(base64.b64decode(dep.manifest_b64))
+            write_atomic(staging / "manifest.json", base64.b64decode(dep.manifest_b64))
             if dep.signature_b64:
-                (staging / "manifest.sig").write_bytes(base64.b64decode(dep.signature_b64))
+                write_atomic(staging / "manifest.sig", base64.b64decode(dep.signature_b64))
         except (binascii.Error, ValueError) as exc:
             raise RequestError(f"manifest or signature is not valid base64: {exc}") from exc
         manifest, _ = verify_manifest(staging, trusted_keys=self.store.trusted_keys,

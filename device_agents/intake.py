@@ -45,8 +45,10 @@ class Intake:
                  outbox: Outbox, epoch: int, counters: Counter[str],
                  handled: Callable[[Message], None], unstored: Callable[[Message], None],
                  beat: Callable[[], None] = lambda: None,
-                 fits: Callable[[str, bytes], bool] = lambda topic, payload: True) -> None:
+                 fits: Callable[[str, bytes], bool] = lambda topic, payload: True,
+                 run: str = "") -> None:
         self.limits = config.agent
+        self.run = run  # this data_dir's random id, in every result
         self.topics, self.inference, self.outbox = topics, inference, outbox
         self.epoch, self.counters, self.beat = epoch, counters, beat
         self.handled = handled  # its answer is durable: acknowledge it
@@ -173,7 +175,7 @@ class Intake:
             return
         topic = self.topics.output(stream)
         payload = answers.result_payload(result, msg_id=msg_id, stream=stream, seq=next(self._seq),
-                                         epoch=self.epoch, ts_in=ts_in)
+                                         epoch=self.epoch, run=self.run, ts_in=ts_in)
         if not self.fits(topic, payload):  # published, it would cost the connection, again and again
             self.error(msg, stream, protocol.MODEL_ERROR, f"the result ({len(payload)} bytes) is "
                        "over the broker's maximum packet size", msg_id)

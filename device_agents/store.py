@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from device_agents.durable import fsync_dir, write_atomic
 from device_agents.errors import DeviceAgentError
 from runtime.package import Package, load_package
 from runtime.signing import PublicKey
@@ -64,7 +65,7 @@ class ModelStore:
             if target.exists():
                 shutil.rmtree(target)
             os.replace(directory, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         elif not (target / "manifest.json").exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=target.parent))
@@ -74,6 +75,7 @@ class ModelStore:
             if target.exists():
                 shutil.rmtree(target)
             os.replace(staging, target)
+            fsync_dir(target.parent)
         return Installed(name, version, target)
 
     def path(self, name: str, version: str) -> Path:
@@ -126,12 +128,8 @@ class ModelStore:
     def entry(self, name: str) -> dict[str, str | None]:
         return dict(self._state.get(name, {}))
 
-    def _save(self) -> None:  # written, fsynced, renamed: a power cut leaves old or new
-        tmp = self._state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._state, indent=1))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, self._state_path)
+    def _save(self) -> None:  # a power cut leaves the old state or the new one
+        write_atomic(self._state_path, json.dumps(self._state, indent=1).encode())
 
 
 def version_key(version: str) -> tuple[tuple[int, str], ...]:
@@ -143,12 +141,3 @@ def version_key(version: str) -> tuple[tuple[int, str], ...]:
         digits = len(part) - len(part.lstrip("0123456789"))
         key.append((int(part[:digits]) if digits else -1, part[digits:]))
     return tuple(key)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in this directory durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from device_agents import protocol
+from device_agents.durable import write_atomic
 from device_agents.errors import DeviceAgentError
 
 CA_CERT: Final = "ca.pem"
@@ -81,22 +81,7 @@ class _Authority:
 def write_file(path: Path, data: bytes, mode: int) -> None:
     """Temp file created with `mode` (a key is never readable by others, even for a moment),
     fsync, rename, fsync the directory: a crash leaves the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(path, data, mode)
 
 
 def _save(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, cert_path: Path,

@@ -17,7 +17,7 @@ from typing import Any, Final
 from device_agents import protocol
 from device_agents.fleet.client import FleetError
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2  # 2: the run column, in the unique key
 REJECT_KEEP_BYTES: Final = 64 * 1024  # of a refused payload, enough to see what sent it
 
 SCHEMA: Final = """
@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS results (
     ts_out REAL,
     received_at REAL NOT NULL,    -- unix seconds, the collector's clock
     payload TEXT NOT NULL,        -- the whole result as JSON (json_extract works on it)
-    UNIQUE (device, epoch, seq)
+    run TEXT NOT NULL DEFAULT '', -- the device's data_dir id ('' from agents that send none)
+    UNIQUE (device, run, epoch, seq)
 );
 CREATE TABLE IF NOT EXISTS rejects (
     received_at REAL NOT NULL,
@@ -47,7 +48,14 @@ CREATE TABLE IF NOT EXISTS rejects (
 );
 """
 
-_INSERT_RESULT: Final = "INSERT OR IGNORE INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+_INSERT_RESULT: Final = "INSERT OR IGNORE INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+# schema 1 -> 2: SQLite cannot change a UNIQUE constraint in place, so the table is rebuilt
+_MIGRATE_1: Final = """
+ALTER TABLE results RENAME TO results_schema1;
+""" + SCHEMA.split("CREATE TABLE IF NOT EXISTS rejects")[0] + """
+INSERT INTO results SELECT *, '' FROM results_schema1;
+DROP TABLE results_schema1;
+"""
 _INSERT_REJECT: Final = "INSERT INTO rejects VALUES (?,?,?,?,?)"
 
 
@@ -81,7 +89,7 @@ def result_row(topic: str, payload: bytes, received_at: float) -> tuple[Any, ...
     return (where.device, where.name, doc.epoch, doc.seq, doc.id,
             model.name if model else None, model.version if model else None,
             None if doc.label is None else str(doc.label), doc.score, total, doc.ts_in,
-            doc.ts_out, received_at, text)
+            doc.ts_out, received_at, text, doc.run or "")
 
 
 def reject_row(topic: str, payload: bytes, reason: str, received_at: float
@@ -127,6 +135,8 @@ class ResultStore:
             if version > SCHEMA_VERSION:
                 raise CollectError(f"{path} was written by a newer edgefleet (schema {version}; "
                                    f"this one knows {SCHEMA_VERSION})")
+            if version == 1:  # one transaction: a crash leaves schema 1 whole
+                db.executescript(f"BEGIN IMMEDIATE;\n{_MIGRATE_1}\nPRAGMA user_version=2;\nCOMMIT;")
             db.executescript(SCHEMA)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except (sqlite3.Error, CollectError) as exc:
