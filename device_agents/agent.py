@@ -46,11 +46,13 @@ from device_agents.intake import Intake
 from device_agents.outbox import Outbox
 from device_agents.protocol import Topics
 from device_agents.publisher import PUBLISH_WINDOW, Publisher
+from device_agents.quarantine import check_data_dir
 from device_agents.requests import RequestWorker
 from device_agents.router import Router
 from device_agents.store import ModelStore
 from device_agents.supervise import Supervisor, SystemdNotifier, Watchdog
 from device_agents.transport import HEADROOM, Message, Transport
+from runtime.errors import EdgefleetError
 from runtime.signing import load_public_key
 
 log = logging.getLogger("edgefleet.agent")
@@ -71,6 +73,11 @@ class Agent:
         self.topics = Topics(config.device_id)
         self.data_dir = config.data_path
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # before anything opens them: an unreadable file is moved aside, never a crash loop
+        self.quarantined = check_data_dir(self.data_dir)
+        self.faults: list[dict[str, Any]] = [
+            {"type": "quarantined", "file": q.path, "moved_to": q.moved_to, "reason": q.reason}
+            for q in self.quarantined]
         self.epoch, self.run = _next_epoch(self.data_dir / "state.json")
         self.process = ProcessStats()
         self.counters: Counter[str] = Counter()
@@ -86,6 +93,10 @@ class Agent:
         self.streams: dict[str, list[str] | None] = {}
         self._install_configured_models()
         self._load_active_models()
+        for fault in self.faults:  # published once connected; they wait in the outbox
+            kind = fault["type"]
+            self.outbox.put(self.topics.event, protocol.event(
+                kind, **{k: v for k, v in fault.items() if k != "type"}), qos=1)
 
         limits = config.agent
         # a packet the broker may send us: the largest payload we take (a delivery chunk at
@@ -225,9 +236,38 @@ class Agent:
                 self.store.activate(installed.name, installed.version)
 
     def _load_active_models(self) -> None:
+        """Every active model into service. One that no longer loads (a damaged file, a key no
+        longer trusted) gives way to its previous version, or is left out: the others serve."""
         for installed in self.store.active():
-            model = self.inference.load(self.store.verify(installed.path))
+            try:
+                model = self.inference.load(self.store.verify(installed.path))
+            except EdgefleetError as exc:
+                model = self._fall_back(installed.name, installed.version, str(exc))
+                if model is None:
+                    continue
             self.inference.activate(model, self.streams.get(installed.name))
+
+    def _fall_back(self, name: str, version: str, reason: str) -> Any:
+        """The previous version of a model whose active one does not load, or None."""
+        previous = self.store.entry(name).get("previous")
+        fault: dict[str, Any] = {"type": "model_unloadable", "model": name, "version": version,
+                                 "reason": reason[:500], "fallback": None}
+        self.faults.append(fault)
+        if previous:
+            try:
+                model = self.inference.load(self.store.verify(self.store.path(name, previous)))
+            except EdgefleetError as exc:
+                log.error("%s %s does not load (%s), nor does %s (%s): %s is out of service",
+                          name, version, reason, previous, exc, name)
+                return None
+            self.store.rollback(name)
+            fault["fallback"] = previous
+            log.error("%s %s does not load (%s): serving the previous version %s", name, version,
+                      reason, previous)
+            return model
+        log.error("%s %s does not load (%s) and has no previous version: out of service", name,
+                  version, reason)
+        return None
 
     # -- paho's thread: hand over, never block -----------------------------------------------
 
@@ -336,6 +376,8 @@ class Agent:
                        "unstored": self.counters["unstored"],
                        "outbox_refused": self.outbox.refused_pending,
                        "dispatch_failed": self.counters["dispatch_failed"],
+                       "quarantined": len(self.quarantined),
+                       "model_fallbacks": sum(f["type"] == "model_unloadable" for f in self.faults),
                        "responses_refused": self.requests.refused,
                        "callback_errors": self.uplink.callback_errors
                        + (self.sensors.callback_errors if self.sensors is not self.uplink else 0),

@@ -447,3 +447,25 @@ def test_a_signed_deploy_whose_chunk_list_was_changed_is_refused_before_a_byte_i
     finally:
         for c in the_plan.chunks:
             watcher.client.publish(protocol.blob_topic(c.sha256), b"", qos=1, retain=True)
+
+
+def test_a_broken_active_package_falls_back_to_the_previous_version(
+        mlp_bench: Bench, mlp: dict[str, Path]) -> None:
+    watcher, agent = mlp_bench.start_online()
+    code, outcome = fleet_deploy(mlp_bench.broker.url, mlp["v2_head"], mlp_bench.device_id)
+    assert code == 0, outcome
+    assert agent.stop() == 0
+    model = mlp_bench.data_dir / "models" / "mlp" / "2" / "model.onnx"
+    model.write_bytes(model.read_bytes()[:1000])  # a bad SD card
+    events = mlp_bench.peer(subscribe=[f"edgefleet/v1/{mlp_bench.device_id}/event"])
+    agent = mlp_bench.agent()
+    while wait_for_status(watcher, "online")["epoch"] < 2:  # not the birth after the deploy
+        pass
+    watcher.send("cam", {"id": "after", "data": image(5)})
+    result = watcher.collect("/out/cam", 1)[0]
+    assert result["model"]["version"] == "1"
+    (fault,) = events.collect("/event", 1, timeout=20)
+    assert fault["type"] == "model_unloadable"
+    assert (fault["model"], fault["version"], fault["fallback"]) == ("mlp", "2", "1")
+    assert "the file is truncated or was replaced" in fault["reason"], fault
+    assert agent.stop() == 0
