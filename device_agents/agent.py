@@ -36,7 +36,7 @@ from typing import Any
 from device_agents import protocol, requests
 from device_agents.acks import AckSequencer
 from device_agents.chunks import CHUNK_MAX, ChunkStore
-from device_agents.commands import CommandGuard, NonceLedger
+from device_agents.commands import CommandGuard, open_ledger
 from device_agents.config import AgentConfig
 from device_agents.delivery import DeliveryManager
 from device_agents.durable import write_atomic
@@ -206,7 +206,7 @@ class Agent:
         """Who this device obeys: the command keys, with replays refused across restarts."""
         security = self.config.security
         keys = [load_public_key(Path(p)) for p in security.command_keys]
-        ledger = NonceLedger(self.data_dir / "commands.db") if keys else None
+        ledger = open_ledger(self.data_dir / "commands.db") if keys else None
         return CommandGuard(self.config.device_id, keys, security.commands_signed, ledger)
 
     def wait(self, timeout: float | None = None) -> bool:

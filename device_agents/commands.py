@@ -96,6 +96,30 @@ class NonceLedger:
             self._db.close()
 
 
+class RefusingLedger(NonceLedger):
+    """The ledger of a data dir where none could be opened (a full or read-only disk): every
+    signed command is refused, and the agent goes on serving its sensors."""
+
+    def __init__(self, reason: str) -> None:  # no file: nothing to open
+        self.reason = reason
+
+    def claim(self, nonce: str, expires: int) -> None:
+        raise UnauthorizedError(f"cannot record command nonces ({self.reason}); refused")
+
+    def close(self) -> None:
+        pass
+
+
+def open_ledger(path: Path) -> NonceLedger:
+    """The nonce ledger at `path`, or one that refuses every command when it cannot be opened."""
+    try:
+        return NonceLedger(path)
+    except sqlite3.Error as exc:
+        log.error("cannot open the command nonce ledger %s (%s): signed commands are refused",
+                  path, exc)
+        return RefusingLedger(str(exc))
+
+
 class CommandGuard:
     """Checks a request's signature before its handler runs (see the module docstring)."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import logging
 import os
@@ -260,26 +261,33 @@ class DeliveryManager:
             self.handled(msg)
             return
         with self._lock:
-            waiting = self._wanted.get(sha)
-            declared = {size for dep_id in waiting or () if (d := self.active.get(dep_id))
-                        for s, size in d.chunks if s == sha}
-        if waiting is None:
+            waiting = set(self._wanted.get(sha, ()))
+        if not waiting:  # nobody waits for it (any more): drop its subscription if still held
             self.handled(msg)
+            self._unsubscribe_unwanted()
             return
-        if declared != {len(msg.payload)}:  # the list lied about it: never stored
-            self.handled(msg)
-            for dep_id in list(waiting):
-                if (dep := self.active.get(dep_id)) is not None:
-                    self._fail(dep, f"chunk {sha[:12]} is {len(msg.payload)} bytes, the "
-                               f"descriptor says {sorted(declared)}")
-            return
-        if not self.chunks.put(sha, msg.payload):
+        if hashlib.sha256(msg.payload).hexdigest() != sha:  # a bogus copy: fetched again
             log.error("chunk %s does not match its hash; it will be fetched again", sha[:12])
             self.handled(msg)
             self.transport.unsubscribe([protocol.blob_topic(sha)])
             with self._lock:
                 self._subscribed.discard(sha)
             self._refill()
+            return
+        # the right bytes: a delivery that declared another size for them has a lying list
+        liars = [dep for dep_id in waiting if (dep := self.active.get(dep_id)) is not None
+                 and any(s == sha and size != len(msg.payload) for s, size in dep.chunks)]
+        for dep in liars:
+            self._fail(dep, f"chunk {sha[:12]} is {len(msg.payload)} bytes, the descriptor "
+                       f"says {dict(dep.chunks)[sha]}")
+        with self._lock:
+            still = bool(self._wanted.get(sha))
+        if not still:
+            self.handled(msg)
+            self._unsubscribe_unwanted()
+            return
+        if not self.chunks.put(sha, msg.payload):  # (checked above; a race with nothing)
+            self.handled(msg)
             return
         self.handled(msg)
         finished = []
@@ -409,7 +417,7 @@ class DeliveryManager:
             if not before:
                 raise StoreError(f"model {dep.name} has no previous version to roll back to")
             old = self.inference.load(self.store.verify(self.store.path(dep.name, before)))
-            previous = self.store.rollback(dep.name)
+            previous = self.store.rollback(dep.name, before)
             self.inference.activate(old, self.streams_of(dep.name))
         except EdgefleetError as exc:
             log.error("rollback of %s failed: %s", dep.name, exc)
@@ -425,8 +433,8 @@ class DeliveryManager:
         shutil.rmtree(self.staging / dep.id, ignore_errors=True)
         with self._lock:  # its chunks no other delivery waits for go too: nothing is left
             kept = {sha for other in self.active.values() for sha, _ in other.chunks}
-        self.chunks.drop_loose([Chunk(sha, 0, size) for sha, size in dep.chunks
-                                if sha not in kept])
+            self.chunks.drop_loose([Chunk(sha, 0, size) for sha, size in dep.chunks
+                                    if sha not in kept])
         self._state(dep, "failed", self._progress(dep) if dep.chunks else 0.0, error=reason)
 
     def _forget(self, dep: Deployment) -> None:
@@ -440,6 +448,17 @@ class DeliveryManager:
             idle = not self._wanted
         if idle:
             self._drop_received()
+        self._unsubscribe_unwanted()
+
+    def _unsubscribe_unwanted(self) -> None:
+        """Give back the window slots of chunks no delivery waits for any more (a failed one's):
+        held, they would keep every later delivery from subscribing at all."""
+        with self._lock:
+            stale = [sha for sha in self._subscribed if sha not in self._wanted]
+            self._subscribed.difference_update(stale)
+        if stale:
+            self.transport.unsubscribe([protocol.blob_topic(sha) for sha in stale])
+        self._refill()
 
     def _state(self, dep: Deployment, phase: str, progress: float, error: str | None = None,
                **extra: Any) -> None:

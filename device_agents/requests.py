@@ -167,7 +167,7 @@ def rollback(agent: Any, name: str) -> dict[str, Any]:
     try:
         if previous:
             model = agent.inference.load(agent.store.verify(agent.store.path(name, previous)))
-        version = agent.store.rollback(name)  # raises when there is nothing to go back to
+        version = agent.store.rollback(name, previous)  # raises: nothing to go back to
     except EdgefleetError as exc:
         raise RequestError(str(exc)) from exc
     agent.inference.activate(model, agent.streams.get(name))

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,9 @@ class ModelStore:
         self.require_signed = require_signed
         root.mkdir(parents=True, exist_ok=True)
         self._state_path = root / "state.json"
+        # the request worker (rollback), the delivery worker (activate) and health watches
+        # (their rollback) change the state: each read-modify-save holds this lock
+        self._lock = threading.RLock()
         self._state: dict[str, dict[str, str | None]] = (
             json.loads(self._state_path.read_text()) if self._state_path.exists() else {})
 
@@ -84,7 +88,12 @@ class ModelStore:
     def floor(self, name: str) -> str | None:
         """The highest version of `name` activated here (None: never activated)."""
         entry = self._state.get(name, {})
-        return entry.get("floor") or entry.get("active")  # state.json from before floors
+        if entry.get("floor"):
+            return entry["floor"]
+        # state.json from before floors: the higher of what is and was active (after a rollback
+        # the previous version is the higher one)
+        known = [v for v in (entry.get("active"), entry.get("previous")) if v]
+        return max(known, key=version_key) if known else None
 
     def check_floor(self, name: str, version: str) -> None:
         """Raise StoreError if `version` is older than the floor of `name`."""
@@ -95,6 +104,10 @@ class ModelStore:
                              "rollback")
 
     def activate(self, name: str, version: str) -> None:
+        with self._lock:
+            self._activate(name, version)
+
+    def _activate(self, name: str, version: str) -> None:
         if not (self.path(name, version) / "manifest.json").exists():
             raise StoreError(f"model {name} version {version} is not installed")
         self.check_floor(name, version)
@@ -108,8 +121,17 @@ class ModelStore:
                                  "floor": floor}
             self._save()
 
-    def rollback(self, name: str) -> str:
-        """Make the previous version active again (the current one becomes 'previous')."""
+    def rollback(self, name: str, expected: str | None = None) -> str:
+        """Make the previous version active again (the current one becomes 'previous');
+        with `expected`, only if that is still the previous version (it was checked)."""
+        with self._lock:
+            entry = self._state.get(name)
+            if expected is not None and entry is not None and entry.get("previous") != expected:
+                raise StoreError(f"model {name} changed meanwhile (previous is now "
+                                 f"{entry.get('previous')}, not {expected}); try again")
+            return self._rollback(name)
+
+    def _rollback(self, name: str) -> str:
         entry = self._state.get(name)
         if entry is None:
             raise StoreError(f"no model named {name!r} is installed")
@@ -129,7 +151,8 @@ class ModelStore:
         return dict(self._state.get(name, {}))
 
     def _save(self) -> None:  # a power cut leaves the old state or the new one
-        write_atomic(self._state_path, json.dumps(self._state, indent=1).encode())
+        with self._lock:
+            write_atomic(self._state_path, json.dumps(self._state, indent=1).encode())
 
 
 def version_key(version: str) -> tuple[tuple[int, str], ...]:

@@ -49,6 +49,7 @@ OPERATOR: Final = "operator"  # the operator's CN, hence its MQTT username and A
 # Names a device may not take: the operator's username would give it the operator's rights, and
 # `blobs` is the topic level beside the device ids (edgefleet/v1/blobs/{sha256}).
 RESERVED_IDS: Final = frozenset({OPERATOR, "blobs"})
+RESERVED_PREFIX: Final = "edgefleet-"
 DEFAULT_HOSTS: Final = ("127.0.0.1", "localhost")
 DEFAULT_DAYS: Final = 3650
 _CLOCK_SKEW: Final = datetime.timedelta(minutes=5)  # a device whose clock is a little behind
@@ -245,6 +246,11 @@ def check_device_id(device_id: str) -> str:
     if device_id in RESERVED_IDS:
         raise PkiError(f"device id {device_id!r} is reserved (the operator's username or a "
                        "topic level of the fleet); choose another")
+    if device_id.startswith(RESERVED_PREFIX):
+        # client ids are one namespace across listeners: a device named like an operator tool
+        # (edgefleet-collect-NAME) would take over that tool's persistent session
+        raise PkiError(f"device id {device_id!r} starts with {RESERVED_PREFIX!r}, the prefix of "
+                       "the fleet tools' MQTT client ids; choose another")
     return device_id
 
 

@@ -402,6 +402,9 @@ def test_a_chunk_list_that_lies_about_sizes_stores_nothing(mlp_bench: Bench,
     assert "the descriptor says" in failed["error"], failed
     loose = mlp_bench.data_dir / "chunks" / "loose"
     assert not loose.exists() or not any(loose.iterdir()), sorted(loose.iterdir())
+    # the failed delivery gave its subscription window back: an honest one goes through
+    code, outcome = fleet_deploy(mlp_bench.broker.url, mlp["v3_full"], mlp_bench.device_id)
+    assert code == 0, outcome
     for c in the_plan.chunks:  # tidy the broker: retained chunks outlive the test otherwise
         watcher.client.publish(protocol.blob_topic(c.sha256), b"", qos=1, retain=True)
 

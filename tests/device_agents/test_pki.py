@@ -96,7 +96,8 @@ def test_init_writes_the_fleet_identities_and_refuses_to_overwrite(tmp_path: Pat
 
 
 @pytest.mark.parametrize("bad", ["edge/B", "edge+", "edge#", "#", "edge\n", "ed\x00ge", "ed\x1bge",
-                                 "", "-edge", "e" * 65, "operator", "blobs", "edgé"])
+                                 "", "-edge", "e" * 65, "operator", "blobs", "edgé",
+                                 "edgefleet-collect-main"])
 def test_issue_refuses_ids_that_are_not_names(tmp_path: Path, bad: str) -> None:
     assert run_cli("init", "--out", str(tmp_path)).exit_code == 0
     result = run_cli("issue", "--pki", str(tmp_path), "--device", bad)

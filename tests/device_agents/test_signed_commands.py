@@ -211,3 +211,16 @@ def test_a_real_agent_obeys_only_signed_commands(bench: Bench, operator: Path,
     assert again["error"]["code"] == "unauthorized"
     assert "replayed" in again["error"]["message"]
     assert "refused" in agent.logs()
+
+
+def test_a_ledger_that_cannot_be_opened_refuses_signed_commands(operator: Path,
+                                                                tmp_path: Path) -> None:
+    """A full or read-only data dir: signed commands are refused, nothing raises at start."""
+    from device_agents.commands import open_ledger
+
+    ledger = open_ledger(tmp_path / "no-such-dir" / "commands.db")  # sqlite cannot create it
+    g = CommandGuard("edge-a", [load_public_key(operator / "fleet.pub")], True, ledger,
+                     clock=lambda: NOW)
+    with pytest.raises(UnauthorizedError, match="cannot record command nonces"):
+        g.check("config", signed(operator, "config", {}))
+    assert g.check("ping", {}) == {}
