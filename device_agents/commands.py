@@ -87,7 +87,9 @@ class NonceLedger:
                                        "wait, or sign with a shorter one")
                 self._db.execute("INSERT INTO nonces VALUES (?, ?)", (nonce, expires))
         except sqlite3.IntegrityError:
-            raise UnauthorizedError("replayed: this command's nonce was used before") from None
+            raise UnauthorizedError("replayed: this signed command was received before and "
+                                    "obeyed then (its answer may have been lost); sign a new "
+                                    "one to do it again") from None
         except sqlite3.Error as exc:
             raise UnauthorizedError(f"cannot record the command's nonce ({exc}); refused") from None
 

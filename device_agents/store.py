@@ -155,12 +155,15 @@ class ModelStore:
             write_atomic(self._state_path, json.dumps(self._state, indent=1).encode())
 
 
-def version_key(version: str) -> tuple[tuple[int, str], ...]:
+def version_key(version: str) -> tuple[tuple[int, int, str], ...]:
     """How versions of one model compare (CONTRACT 10): dotted integers, so `10` > `9.2` and
-    `1.10` > `1.9`. A part that is not all digits compares by its leading number, then by the
-    rest as text (`2rc1` < `2x`); a missing part is lower than any (`1` < `1.0`)."""
+    `1.10` > `1.9`; a leading `v` is ignored (`v10` > `v9`). A part with text after its number is
+    a pre-release of that number (`2.0rc1` < `2.0`, `1.0-beta` < `1.0`), ordered by the text;
+    a missing part is lower than any (`1` < `1.0`)."""
     key = []
-    for part in version.split("."):
+    for part in version.removeprefix("v").removeprefix("V").split("."):
         digits = len(part) - len(part.lstrip("0123456789"))
-        key.append((int(part[:digits]) if digits else -1, part[digits:]))
+        number = int(part[:digits]) if digits else -1
+        suffix = part[digits:]
+        key.append((number, 0 if suffix else 1, suffix))
     return tuple(key)

@@ -412,10 +412,13 @@ def test_a_chunk_list_that_lies_about_sizes_stores_nothing(mlp_bench: Bench,
 def test_versions_compare_as_dotted_integers() -> None:
     from device_agents.store import version_key
 
-    ordered = ["1", "1.0", "1.2", "1.9", "1.10", "2", "2rc1", "9.2", "10", "10.0.1"]
-    assert sorted(ordered, key=version_key) == ordered
+    ordered = ["1", "1.0-beta", "1.0", "1.2", "1.9", "1.10", "2rc1", "2rc2", "2", "9.2", "10",
+               "10.0.1"]
+    assert sorted(reversed(ordered), key=version_key) == ordered
     assert version_key("10") > version_key("9.2")
     assert version_key("1.10") > version_key("1.9")
+    assert version_key("v10") > version_key("v9")
+    assert version_key("2.0rc1") < version_key("2.0")
 
 
 def test_a_signed_deploy_whose_chunk_list_was_changed_is_refused_before_a_byte_is_stored(
