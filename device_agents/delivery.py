@@ -53,6 +53,7 @@ WINDOW = 32
 # the link and the broker a round of work.
 SUBSCRIBE_STEP = 8
 FLUSH_BYTES = 1 << 20  # a model file is made durable a MiB at a time (see _assemble)
+SPACE_MARGIN = 8 << 20  # free space a delivery leaves to the outbox and the logs
 
 
 @dataclass
@@ -143,6 +144,7 @@ class DeliveryManager:
             raise RequestError(str(exc)) from exc
         if manifest.sha256 != args.get("sha256", manifest.sha256):
             raise RequestError("descriptor sha256 does not match the signed manifest")
+        self._check_space(dep)
         with self._lock:
             self.active[dep.id] = dep
             dep.missing = sorted({sha for sha, _ in dep.chunks if not self.chunks.has(sha)})
@@ -152,6 +154,20 @@ class DeliveryManager:
         self._begin(dep)
         return {"deployment": dep.id, "need": dep.missing, "need_bytes": need_bytes,
                 "have_bytes": dep.total_bytes - need_bytes}
+
+    def _check_space(self, dep: Deployment) -> None:
+        """Refuse a delivery the disk cannot hold before a byte is fetched: the missing chunks,
+        the assembled model file beside them, and SPACE_MARGIN for the outbox to go on."""
+        need = sum(size for sha, size in dict(dep.chunks).items() if not self.chunks.has(sha))
+        want = need + dep.total_bytes + SPACE_MARGIN
+        free = shutil.disk_usage(self.dir).free
+        if free < want:
+            reason = (f"not enough free space for {dep.name} {dep.version}: it needs "
+                      f"{want / 1e6:.1f} MB ({need / 1e6:.1f} MB of chunks, the "
+                      f"{dep.total_bytes / 1e6:.1f} MB model, {SPACE_MARGIN / 1e6:.0f} MB kept "
+                      f"free), {free / 1e6:.1f} MB are free")
+            self._fail(dep, reason)
+            raise RequestError(reason)
 
     def _index_installed(self) -> None:
         """Chunk the installed model files not indexed yet (those installed from the config), so
@@ -333,6 +349,7 @@ class DeliveryManager:
             return
         self._state(dep, "staged", 1.0)
         installed = self.store.install(staging, move=True, verified=package)
+        shutil.rmtree(staging, ignore_errors=True)  # left when that version was installed already
         offsets, offset = [], 0
         for sha, size in dep.chunks:
             offsets.append(Chunk(sha, offset, size))

@@ -120,6 +120,16 @@ class ModelStore:
                                  if entry.get("active") != version else entry.get("previous"),
                                  "floor": floor}
             self._save()
+        self._prune(name)
+
+    def _prune(self, name: str) -> None:
+        """Remove the versions of `name` that are neither active nor previous: a box that takes
+        an update a week would otherwise fill its disk with every model it ever ran."""
+        entry = self._state.get(name, {})
+        keep = {entry.get("active"), entry.get("previous")}
+        for path in sorted((self.root / name).iterdir()) if (self.root / name).is_dir() else []:
+            if path.is_dir() and path.name not in keep and not path.name.startswith("."):
+                shutil.rmtree(path, ignore_errors=True)
 
     def rollback(self, name: str, expected: str | None = None) -> str:
         """Make the previous version active again (the current one becomes 'previous');

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -475,3 +476,38 @@ def test_a_broken_active_package_falls_back_to_the_previous_version(
     assert (fault["model"], fault["version"], fault["fallback"]) == ("mlp", "2", "1")
     assert "the file is truncated or was replaced" in fault["reason"], fault
     assert agent.stop() == 0
+
+
+def test_only_the_active_and_previous_versions_are_kept(mlp_bench: Bench,
+                                                        mlp: dict[str, Path]) -> None:
+    mlp_bench.start_online()
+    for package in ("v2_head", "v3_full"):
+        code, outcome = fleet_deploy(mlp_bench.broker.url, mlp[package], mlp_bench.device_id)
+        assert code == 0, outcome
+    models = mlp_bench.data_dir / "models" / "mlp"
+    assert sorted(p.name for p in models.iterdir() if not p.name.startswith(".")) == ["2", "3"]
+    staging = mlp_bench.data_dir / "staging"
+    assert not staging.exists() or list(staging.iterdir()) == []
+
+
+def test_a_delivery_the_disk_cannot_hold_is_refused_before_a_byte_is_fetched(
+        tmp_path: Path, broker: Mosquitto, mlp: dict[str, Path], keys_dir: Path) -> None:
+    """On a real small file system (a tmpfs, mounted by the test): the free-space check."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=10m", "tmpfs",
+                                            str(mount)], capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root (and a kernel that allows it here)")
+    bench = Bench(mount, broker, mlp["v1"], [keys_dir / "fleet.pub"])
+    try:
+        watcher, _ = bench.start_online()
+        code, outcome = fleet_deploy(broker.url, mlp["v3_full"], bench.device_id)
+        assert code == 1
+        assert "not enough free space" in outcome["devices"][0]["error"], outcome
+        loose = bench.data_dir / "chunks" / "loose"
+        assert not loose.exists() or list(loose.iterdir()) == []
+        watcher.send("cam", {"id": "still", "data": image(4)})
+        assert watcher.collect("/out/cam", 1)[0]["model"]["version"] == "1"
+    finally:
+        bench.close()
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
