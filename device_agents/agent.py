@@ -83,6 +83,8 @@ class Agent:
         self.counters: Counter[str] = Counter()
         self.supervisor = supervisor or Supervisor("agent")
         self._stopping = threading.Event()
+        self._fault_lock = threading.Lock()
+        self._storage_fault: dict[str, Any] | None = None  # since the disk refused an answer
         ob = config.outbox
         self.outbox = Outbox(self.data_dir / "outbox.db", max_bytes=ob.max_bytes, ttl_s=ob.ttl_s,
                              on_full=ob.on_full)  # on_commit: set once the uplink exists
@@ -303,6 +305,21 @@ class Agent:
         """The message is dealt with (answer durable, or refused for good): acknowledge it."""
         if msg.token is not None:
             self._acks_for(msg).done(msg.token)
+        if self._storage_fault is not None:
+            self._storage_recovered()
+
+    def _storage_recovered(self) -> None:
+        """The disk takes answers again after failing: say so once, on `event` (the event could
+        not have been stored while it failed)."""
+        with self._fault_lock:
+            fault, self._storage_fault = self._storage_fault, None
+        if fault is None:
+            return
+        lasted = time.monotonic() - fault["since"]
+        log.warning("the disk takes answers again after %.1f s and %d refused writes", lasted,
+                    fault["refused"])
+        self.outbox.put(self.topics.event, protocol.event(
+            "storage_recovered", refused=fault["refused"], lasted_s=round(lasted, 3)), qos=1)
 
     def _unstored(self, msg: Message) -> None:
         """Its answer could not be stored (the disk failed or fell behind): a QoS 1 message is
@@ -310,6 +327,10 @@ class Agent:
         of every later acknowledgement waiting behind it. A QoS 0 message is never delivered
         again: it is counted, and the connection kept."""
         self.counters["unstored"] += 1
+        with self._fault_lock:
+            if self._storage_fault is None:
+                self._storage_fault = {"since": time.monotonic(), "refused": 0}
+            self._storage_fault["refused"] += 1
         if msg.qos:
             (msg.via or self.uplink).drop("an answer could not be stored; the broker will "
                                           "redeliver")
@@ -377,6 +398,7 @@ class Agent:
                        "outbox_refused": self.outbox.refused_pending,
                        "dispatch_failed": self.counters["dispatch_failed"],
                        "quarantined": len(self.quarantined),
+                       "storage_failing": self._storage_fault is not None,
                        "model_fallbacks": sum(f["type"] == "model_unloadable" for f in self.faults),
                        "responses_refused": self.requests.refused,
                        "callback_errors": self.uplink.callback_errors

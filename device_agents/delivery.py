@@ -270,6 +270,8 @@ class DeliveryManager:
                     self._chunk(item)
             except Exception:
                 log.exception("delivery step failed")
+                if isinstance(item, Message):  # it still ends, or every later ack waits for it
+                    self.handled(item)
 
     def _chunk(self, msg: Message) -> None:
         sha = protocol.blob_of(msg.topic) or ""
@@ -302,7 +304,16 @@ class DeliveryManager:
             self.handled(msg)
             self._unsubscribe_unwanted()
             return
-        if not self.chunks.put(sha, msg.payload):  # (checked above; a race with nothing)
+        try:
+            stored = self.chunks.put(sha, msg.payload)
+        except OSError as exc:  # a full or failing disk: those deliveries fail, clearly
+            self.handled(msg)
+            with self._lock:
+                waiting_now = [self.active[d] for d in self._wanted.get(sha, ()) if d in self.active]
+            for dep in waiting_now:
+                self._fail(dep, f"cannot store chunk {sha[:12]}: {exc}")
+            return
+        if not stored:  # (checked above; a race with nothing)
             self.handled(msg)
             return
         self.handled(msg)
@@ -348,14 +359,19 @@ class DeliveryManager:
             self._fail(dep, str(exc))
             return
         self._state(dep, "staged", 1.0)
-        installed = self.store.install(staging, move=True, verified=package)
-        shutil.rmtree(staging, ignore_errors=True)  # left when that version was installed already
         offsets, offset = [], 0
         for sha, size in dep.chunks:
             offsets.append(Chunk(sha, offset, size))
             offset += size
-        self.chunks.index_file(installed.path / manifest.file, offsets, drop_loose=False)
-        self.store.activate(dep.name, dep.version)
+        try:  # a disk that fills now: the old version stays active (state.json is written last)
+            installed = self.store.install(staging, move=True, verified=package)
+            shutil.rmtree(staging, ignore_errors=True)  # left when that version was there already
+            self.chunks.index_file(installed.path / manifest.file, offsets, drop_loose=False)
+            self.store.activate(dep.name, dep.version)
+        except (EdgefleetError, OSError) as exc:
+            del model  # its session goes with it; the old one keeps serving
+            self._fail(dep, f"cannot install {dep.name} {dep.version}: {exc}")
+            return
         self.inference.activate(model, self.streams_of(dep.name))
         self._forget(dep)
         self._state(dep, "active", 1.0)

@@ -490,14 +490,19 @@ def test_only_the_active_and_previous_versions_are_kept(mlp_bench: Bench,
     assert not staging.exists() or list(staging.iterdir()) == []
 
 
+def _small_disk(tmp_path: Path, size: str) -> Path:
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}",
+                                            "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root (and a kernel that allows it here)")
+    return mount
+
+
 def test_a_delivery_the_disk_cannot_hold_is_refused_before_a_byte_is_fetched(
         tmp_path: Path, broker: Mosquitto, mlp: dict[str, Path], keys_dir: Path) -> None:
     """On a real small file system (a tmpfs, mounted by the test): the free-space check."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=10m", "tmpfs",
-                                            str(mount)], capture_output=True).returncode != 0:
-        pytest.skip("mounting a tmpfs needs root (and a kernel that allows it here)")
+    mount = _small_disk(tmp_path, "10m")
     bench = Bench(mount, broker, mlp["v1"], [keys_dir / "fleet.pub"])
     try:
         watcher, _ = bench.start_online()
