@@ -8,6 +8,8 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from device_agents.quarantine import check_data_dir
 from tests.device_agents.conftest import Bench
@@ -80,3 +82,18 @@ def test_the_agent_starts_serves_and_reports_with_every_file_corrupt(
     assert {"outbox", "models_state", "state", "chunks_index"} <= set(kept)
     assert json.loads((data / "state.json").read_text())["epoch"] == 1  # started over, new run
     assert agent.stop() == 0
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=2048), name=st.sampled_from(
+    ["state.json", "models/state.json", "chunks/index.json", "outbox.db", "commands.db"]))
+def test_any_bytes_in_an_owned_file_are_kept_or_moved_never_raised(
+        tmp_path: Path, data: bytes, name: str) -> None:
+    root = tmp_path / f"case-{abs(hash((data, name)))}"
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    moved = check_data_dir(root)
+    assert path.exists() == (moved == [])
+    assert all((root / m.moved_to).exists() for m in moved)

@@ -23,25 +23,22 @@ from device_agents.commands import (
     UnauthorizedError,
     sign,
 )
-from runtime.signing import generate_keypair, load_private_key, load_public_key
+from runtime.signing import load_private_key, load_public_key
 from tests.device_agents.conftest import Bench
 from tests.support.agent import ROOT, wait_for_status
 
 NOW = 1_800_000_000.0
 
 
-@pytest.fixture(scope="module")
-def operator(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("operator")
-    generate_keypair(out)
-    return out
+@pytest.fixture(scope="session")
+def operator(keys_dir: Path) -> Path:
+    """The session's key pair, here in the operator's role."""
+    return keys_dir
 
 
-@pytest.fixture(scope="module")
-def stranger(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("stranger")
-    generate_keypair(out)
-    return out
+@pytest.fixture(scope="session")
+def stranger(other_keys_dir: Path) -> Path:
+    return other_keys_dir
 
 
 def guard(operator: Path, tmp: Path, *, required: bool = True,
