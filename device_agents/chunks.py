@@ -68,9 +68,10 @@ class ChunkStore:
         where = self._index.get(sha)
         return where is not None and Path(where[0]).exists()
 
-    def put(self, sha: str, data: bytes) -> bool:
-        """Store a chunk if its bytes hash to `sha`; False (and nothing stored) otherwise."""
-        if hashlib.sha256(data).hexdigest() != sha:
+    def put(self, sha: str, data: bytes, *, hashed: bool = False) -> bool:
+        """Store a chunk if its bytes hash to `sha` (hashed=True: the caller checked); False
+        (and nothing stored) otherwise."""
+        if not hashed and hashlib.sha256(data).hexdigest() != sha:
             return False
         if not self.has(sha):
             # no directory fsync per chunk: a chunk a power cut loses is fetched again (the

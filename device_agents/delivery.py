@@ -305,7 +305,7 @@ class DeliveryManager:
             self._unsubscribe_unwanted()
             return
         try:
-            stored = self.chunks.put(sha, msg.payload)
+            stored = self.chunks.put(sha, msg.payload, hashed=True)  # checked above
         except OSError as exc:  # a full or failing disk: those deliveries fail, clearly
             self.handled(msg)
             with self._lock:
